@@ -105,13 +105,15 @@ def distill_loss(
     teacher: the CLIP [DIE] and [DTE] embeddings already pooled to widths Cv and Ct (eq. 5-6).
     modality: "both", "image" (Table 3 #3) or "text" (Table 3 #4).
     Returns {"distill_img": ..., "distill_txt": ...} with the weights applied; a term that is
-    switched off is absent rather than zero, so the log shows what actually ran.
+    switched off is absent rather than zero, so the log shows what actually ran. The tensors of a
+    switched-off modality are not read and may be None (the teacher then skips that encoder).
     """
     if modality not in ("both", "image", "text"):
         raise ValueError(f"distill modality must be 'both', 'image' or 'text', got {modality!r}")
     (s_img, s_txt), (t_img, t_txt) = student, teacher
+    active = ("image", "text") if modality == "both" else (modality,)
     for name, s, t in (("image", s_img, t_img), ("text", s_txt, t_txt)):
-        if s.shape != t.shape:
+        if name in active and s.shape != t.shape:
             raise ValueError(f"{name} distillation: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
     terms = {}
     if modality in ("both", "image"):

@@ -104,6 +104,9 @@ def test_distill_l1_and_modalities():
     assert terms["distill_txt"].item() == pytest.approx(2.0)
     assert set(distill_loss(s, t, modality="image")) == {"distill_img"}
     assert set(distill_loss(s, t, modality="text")) == {"distill_txt"}
+    # the switched-off modality is not read, so the teacher can skip that encoder
+    assert distill_loss(s, (t[0], None), kind="l1", modality="image", alpha=1.0)["distill_img"].item() == 1.5
+    assert distill_loss(s, (None, t[1]), kind="l1", modality="text", beta=1.0)["distill_txt"].item() == 2.0
     total, terms = total_loss(torch.full((1, 4), 0.5), torch.full((1, 4), 0.5),
                               distill_terms=distill_loss(s, t, kind="l1", alpha=1.0, beta=1.0))
     assert total.item() == pytest.approx(3.5, rel=1e-5)

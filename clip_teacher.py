@@ -102,9 +102,10 @@ class CLIPTeacher:
             # and (when trainable) the optimizer's updates exact.
             self.model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32).to(self.device)
             self.tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
-        except OSError as e:
+        except Exception as e:  # missing, offline, corrupt: re-raised with the name, the cause chained
             raise OSError(
-                f"CLIPTeacher: cannot load CLIP model + tokenizer from {name_or_path!r} ({e}).\n"
+                f"CLIPTeacher: cannot load CLIP model + tokenizer from {name_or_path!r} "
+                f"({type(e).__name__}: {e}).\n"
                 "Offline, pass --teacher a local directory made where the hub is reachable, e.g.\n"
                 "  python -c \"from transformers import CLIPModel, CLIPTokenizer, CLIPImageProcessor as P; "
                 f"[c.from_pretrained('{DEFAULT_TEACHER}').save_pretrained('clip-b16') "
@@ -222,11 +223,16 @@ class CLIPTeacher:
             self._cache.popitem(last=False)
         return torch.stack(rows)  # (B,E), a new tensor: callers cannot alter the cache
 
-    def targets(self, images: torch.Tensor, texts: list[str], widths: tuple[int, int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled ([DIE] (B,Cv), [DTE] (B,Ct)) for a location whose student widths are (Cv, Ct)."""
+    def targets(self, images: torch.Tensor, texts: list[str], widths: tuple[int | None, int | None]
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Pooled ([DIE] (B,Cv), [DTE] (B,Ct)) for a location whose student widths are (Cv, Ct).
+
+        A width of None skips that tower and gives None: image-only or text-only distillation (Table 3
+        #3, #4) then pays for one encoder only (the image tower is most of the teacher's cost).
+        """
         if len(texts) != images.shape[0]:
             raise ValueError(f"CLIPTeacher.targets: {images.shape[0]} images but {len(texts)} texts")
         img_width, txt_width = widths
-        return (adaptive_avg_pool(self.encode_image(images), img_width),
-                adaptive_avg_pool(self.encode_text(texts), txt_width))
+        img = None if img_width is None else adaptive_avg_pool(self.encode_image(images), img_width)
+        txt = None if txt_width is None else adaptive_avg_pool(self.encode_text(texts), txt_width)
+        return img, txt

@@ -175,8 +175,11 @@ def test_text_embedding_equals_get_text_features_then_pooled(teacher, clip_dir):
     with torch.no_grad():
         reference = teacher.model.get_text_features(**tokens).pooler_output
     torch.testing.assert_close(teacher.encode_text(TEXTS), reference)
-    _, txt = teacher.targets(random_canvas(3), TEXTS, widths=(256, 256))
+    img, txt = teacher.targets(random_canvas(3), TEXTS, widths=(None, 256))  # text-only: no image tower
+    assert img is None
     torch.testing.assert_close(txt, (reference[:, 0::2] + reference[:, 1::2]) / 2)
+    # OpenAI's basic clean: HTML entities are unescaped before BPE
+    torch.testing.assert_close(teacher.tokenize(["a &amp; b"])["input_ids"], teacher.tokenize(["a & b"])["input_ids"])
 
 
 def test_long_text_is_truncated_to_77_and_keeps_its_end_token(teacher):
@@ -210,10 +213,11 @@ def test_gradients_reach_the_student_and_not_the_frozen_teacher(teacher):
     canvas, ids = random_canvas(3), torch.randint(0, 64, (3, 5))
     v, t = student(canvas, ids)
     target_v, target_t = teacher.targets(canvas, TEXTS, widths=(256, 256))
-    assert not target_v.requires_grad and not target_v.is_inference() and not target_t.is_inference()
+    dte = teacher.encode_text(TEXTS)  # (3,512), unpooled: what a loss would see without targets()
+    assert not target_v.requires_grad and not any(x.is_inference() for x in (target_v, target_t, dte))
     terms = distill_loss((v, t), (target_v, target_t))
-    # A product saves the target for backward, which an inference-mode tensor would refuse.
-    (sum(terms.values()) + (v * target_v).mean()).backward()
+    # A product saves the teacher tensor for backward, which an inference-mode tensor would refuse.
+    (sum(terms.values()) + (t * dte[:, :256]).mean()).backward()
     assert student.visual.weight.grad.abs().sum() > 0 and student.text.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -263,13 +267,17 @@ def test_identity_name_and_weights_hash(clip_dir, teacher):
     assert teacher.weights_sha256 == hashlib.sha256((clip_dir / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_missing_weights_give_a_clear_error(tmp_path):
+def test_missing_or_corrupt_weights_give_a_clear_error(clip_dir, tmp_path):
     missing = str(tmp_path / "no_such_clip")
     with pytest.raises(OSError, match="no_such_clip") as info:
         CLIPTeacher(missing, device="cpu")
     assert "local directory" in str(info.value) and "save_pretrained" in str(info.value)
     with pytest.raises(OSError, match="nobody/no-such-clip"):  # a hub name, offline (conftest)
         CLIPTeacher("nobody/no-such-clip", device="cpu")
+    corrupt = shutil.copytree(clip_dir, tmp_path / "corrupt_clip")
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(OSError, match="corrupt_clip"):
+        CLIPTeacher(str(corrupt), device="cpu")
 
 
 def test_a_directory_without_tokenizer_files_is_refused(clip_dir, tmp_path):

@@ -52,7 +52,12 @@ import ftfy
 import torch
 import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 from transformers.utils import cached_file
 
 DEFAULT_TEACHER = "openai/clip-vit-base-patch16"
@@ -92,11 +97,13 @@ class CLIPTeacher:
         if self.device.type == "cuda":
             self.amp_dtype = None if dtype == torch.float32 else (dtype or torch.bfloat16)
         elif dtype not in (None, torch.float32):
-            raise ValueError(f"CLIPTeacher: dtype {dtype} needs CUDA (autocast is CUDA-only here), device is {device}")
+            raise ValueError(f"CLIPTeacher: dtype {dtype} needs CUDA (autocast is CUDA-only here), "
+                             f"device is {device}")
         else:
             self.amp_dtype = None
         if trainable and text_cache_size:
-            raise ValueError("CLIPTeacher: a text cache would go stale while the teacher trains; use text_cache_size=0")
+            raise ValueError("CLIPTeacher: a text cache would go stale while the teacher trains; "
+                             "use text_cache_size=0")
         try:
             # fp32 weights whatever the checkpoint stores: autocast gives bf16 speed, fp32 keeps LayerNorm
             # and (when trainable) the optimizer's updates exact.
@@ -130,8 +137,9 @@ class CLIPTeacher:
         if len(self.tokenizer) != cfg.text_config.vocab_size or self.tokenizer.eos_token_id != eos:
             raise ValueError(
                 f"CLIPTeacher: the tokenizer in {name_or_path!r} ({len(self.tokenizer)} tokens, end token "
-                f"{self.tokenizer.eos_token_id}) does not fit the CLIP text model ({cfg.text_config.vocab_size} "
-                f"tokens, end token {eos}); are the tokenizer files (vocab.json + merges.txt or tokenizer.json) there?")
+                f"{self.tokenizer.eos_token_id}) does not fit the CLIP text model "
+                f"({cfg.text_config.vocab_size} tokens, end token {eos}); are the tokenizer files "
+                "(vocab.json + merges.txt or tokenizer.json) there?")
         self.embed_dim = cfg.projection_dim  # E: 512 for ViT-B, 768 for ViT-L
         self.image_size = cfg.vision_config.image_size  # R: 224 for the OpenAI checkpoints
         self.context_length = cfg.text_config.max_position_embeddings  # 77
@@ -156,8 +164,10 @@ class CLIPTeacher:
 
     @cached_property
     def weights_sha256(self) -> str:
-        """sha256 over the checkpoint's weight file(s), in name order: the teacher's identity for checkpoints."""
-        folder = Path(self.name) if Path(self.name).is_dir() else Path(cached_file(self.name, "config.json")).parent
+        """sha256 over the weight file(s) in name order: the teacher's identity, for checkpoints."""
+        folder = Path(self.name)
+        if not folder.is_dir():  # a hub name: the snapshot folder in the HF cache that from_pretrained used
+            folder = Path(cached_file(self.name, "config.json")).parent
         files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
         if not files:
             raise FileNotFoundError(f"CLIPTeacher: no *.safetensors or *.bin weights in {folder}")
@@ -188,7 +198,8 @@ class CLIPTeacher:
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
             raise ValueError(f"CLIPTeacher expects a square canvas (B,3,S,S), got {tuple(images.shape)}")
         rgb = images.to(self.device, torch.float32) * self._in_std + self._in_mean  # (B,3,S,S) in [0,1]
-        rgb = F.interpolate(rgb, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
+        size = (self.image_size, self.image_size)
+        rgb = F.interpolate(rgb, size=size, mode="bicubic", antialias=True, align_corners=False)  # (B,3,R,R)
         rgb = rgb.clamp(0.0, 1.0)  # bicubic overshoots at edges; CLIP's processor saturates via uint8
         return (rgb - self._clip_mean) / self._clip_std  # (B,3,R,R)
 
@@ -208,13 +219,14 @@ class CLIPTeacher:
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """[DTE]: B expressions -> (B,E) fp32 projected text embedding (from the cache when enabled)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"CLIPTeacher expects a list of strings, got {type(texts).__name__}: {texts!r:.80}")
+            raise TypeError(f"CLIPTeacher expects a list of strings, got {type(texts).__name__}: "
+                            f"{texts!r:.60}")
         if not self._cache_size:
             return self._run(self.model.get_text_features, **self.tokenize(texts))
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))  # unique, in order
         if missing:
             for t, emb in zip(missing, self._run(self.model.get_text_features, **self.tokenize(missing))):
-                self._cache[t] = emb
+                self._cache[t] = emb.clone()  # (E,); a view would keep the whole batch's storage alive
         rows = []
         for t in texts:
             self._cache.move_to_end(t)  # most recently used last

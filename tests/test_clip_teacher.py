@@ -263,6 +263,8 @@ def test_text_cache_is_exact_and_bounded(clip_dir, teacher):
     torch.testing.assert_close(cached.encode_text(["the man"]), first[:1], rtol=0, atol=0)  # a hit
     cached.encode_text(["x y", "z"])
     assert list(cached._cache) == ["the man", "x y", "z"]  # bound kept by evicting the oldest two
+    # each entry owns just its (512,) fp32 row, so the bound is on memory too, not only on entries
+    assert all(e.untyped_storage().nbytes() == 512 * 4 for e in cached._cache.values())
     with pytest.raises(ValueError, match="stale"):
         CLIPTeacher(str(clip_dir), device="cpu", trainable=True, text_cache_size=3)
 

@@ -249,9 +249,11 @@ class GroundingModel(nn.Module):
         }
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> "GroundingModel":
-        """Load one of our checkpoints (train.py) or an official TransVG one; returns the model in eval mode."""
-        ckpt = read_checkpoint(path)
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", ckpt: dict | None = None
+                        ) -> "GroundingModel":
+        """Load one of our checkpoints (train.py) or an official TransVG one; returns the model in eval mode.
+        ckpt: the file's contents if the caller has already read them with read_checkpoint (no second read)."""
+        ckpt = read_checkpoint(path) if ckpt is None else ckpt
         if "model_config" not in ckpt:
             if "vl_pos_embed.weight" in ckpt.get("model", {}):
                 return transvg_model(ckpt, path).to(map_location).eval()

@@ -1,0 +1,149 @@
+"""Speed and memory of the full-size model.
+
+    python bench.py                                   # CPU, fp32, batch 2: train step and forward
+    python bench.py --device cuda --dtype bf16 --batch_size 8 --compile --channels_last
+
+The model is the paper's: ResNet-50 + DETR encoder, BERT-base, 6-layer fusion, 640x640 canvas, 20 tokens, random
+weights (speed does not depend on them). A train step is forward + eq. 8 loss + backward + AdamW step.
+Prints ms/step, images/s, peak memory and, on CUDA, model FLOPs utilisation (FLOPs counted by
+torch.utils.flop_counter on one step, divided by the GPU's dense bf16 peak).
+"""
+
+import argparse
+import contextlib
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from losses import total_loss
+from model import GroundingModel, ModelConfig
+
+# bert-base-uncased's architecture, so the benchmark needs no download
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from NVIDIA's data sheets
+
+
+def fake_batch(cfg: ModelConfig, batch_size: int, device: torch.device) -> dict:
+    """Random inputs in the model's format; every other image has its bottom quarter padded."""
+    g = torch.Generator().manual_seed(0)
+    S, L = cfg.imsize, cfg.max_query_len
+    img_is_pad = torch.zeros(batch_size, S, S, dtype=torch.bool)
+    img_is_pad[::2, S * 3 // 4:] = True
+    attention_mask = torch.ones(batch_size, L, dtype=torch.long)
+    attention_mask[:, 12:] = 0
+    batch = dict(images=torch.randn(batch_size, 3, S, S, generator=g), img_is_pad=img_is_pad,
+                 input_ids=torch.randint(1000, 30000, (batch_size, L), generator=g) * attention_mask,
+                 attention_mask=attention_mask, target=torch.rand(batch_size, 4, generator=g) * 0.5 + 0.25)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def timed(fn, warmup: int, reps: int, device: torch.device) -> float:
+    """Median seconds per call of fn after warmup calls."""
+    times = []
+    for i in range(warmup + reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: process peak RSS
+
+
+def bench_model(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    cfg = ModelConfig(backbone=args.backbone, text_init="random", text_config=BERT_BASE)
+    torch.manual_seed(0)
+    model = GroundingModel(cfg).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if args.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
+    batch = fake_batch(cfg, args.batch_size, device)
+    if args.channels_last:
+        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+    use_bf16 = args.dtype == "bf16"
+    if use_bf16 and device.type != "cuda":
+        raise SystemExit("--dtype bf16 is for CUDA only (bf16 autocast is off on CPU by design)")
+    autocast = torch.autocast("cuda", torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def train_step():
+        with autocast:
+            out = step_model(batch["images"], batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
+        loss, _ = total_loss(out["pred_boxes"], batch["target"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.inference_mode()
+    def forward():
+        with autocast:
+            step_model(batch["images"], batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
+
+    model.train()
+    results = {"train_s": timed(train_step, args.warmup, args.reps, device)}
+    model.eval()
+    results["forward_s"] = timed(forward, args.warmup, args.reps, device)
+    results["peak_mem_gb"] = peak_memory_gb(device)
+    if device.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+        model.train()
+        with FlopCounterMode(display=False) as counter:
+            train_step()
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        flops = counter.get_total_flops()
+        results["tflops_per_step"] = flops / 1e12
+        if peak and use_bf16:
+            results["mfu"] = flops / results["train_s"] / (peak * 1e12)
+    return results
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch_size", type=int, default=2)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, CUDA only")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--channels_last", action="store_true")
+    ap.add_argument("--backbone", default="resnet50")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    r = bench_model(args)
+    B = args.batch_size
+    print(f"machine: {machine(device)} | torch {torch.__version__} | {args.backbone}, batch {B}, {args.dtype}"
+          f"{', compile' if args.compile else ''}{', channels_last' if args.channels_last else ''}")
+    print(f"train step : {r['train_s'] * 1e3:9.1f} ms/step  {B / r['train_s']:8.2f} images/s")
+    print(f"forward    : {r['forward_s'] * 1e3:9.1f} ms/step  {B / r['forward_s']:8.2f} images/s")
+    print(f"peak memory: {r['peak_mem_gb']:.2f} GB ({'allocated on the GPU' if device.type == 'cuda' else 'process RSS'})")
+    if "tflops_per_step" in r:
+        print(f"FLOPs      : {r['tflops_per_step']:.2f} TFLOP/step" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""))
+    return r
+
+
+if __name__ == "__main__":
+    main()

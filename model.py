@@ -1,0 +1,431 @@
+"""The student: TransVG's grounding model (paper sec. 3.1), and loading of DETR/TransVG/our checkpoints.
+
+    image (B,3,S,S) -> ResNet -> 1x1 conv -> + sine position -> DETR encoder ----> visual_proj -+
+                                                                                                 +-> [REG | visual | text]
+    text ids (B,L) --> BERT (last layer, all L tokens) -----------------------> text_proj ----+   + learned position
+                                                                                                 -> fusion transformer
+                                                                                                 -> MLP on [REG] -> sigmoid
+                                                                                                 -> box (cx, cy, w, h) in [0,1]
+References
+  EpmVG paper, arXiv 2312.17648, sec. 3.1 (eq. 1-4) and Appendix A (distillation locations).
+  TransVG, github.com/djiajunustc/TransVG @ c862427 (models/*): our spec is ../shared/docs/transvg_spec.md sec. 2-3.
+  DETR, github.com/facebookresearch/detr (backbone, sine position encoding, post-norm encoder layer).
+
+Shape letters: B batch, S canvas side (ModelConfig.imsize), h x w feature map, N = h*w visual tokens,
+L text tokens (max_query_len), D fusion width (256), H BERT width (768), C ResNet channels (2048).
+
+Differences from the official code, all numerically neutral (checked against it, see load_transvg):
+  - the fusion sequence is in the paper's order [REG, visual, text] (eq. 1); TransVG uses [REG, text, visual].
+    Attention is permutation-equivariant once each token carries its own position embedding, so only the rows of
+    the learned position table move; load_transvg reorders them.
+  - BERT has no pooler: TransVG never uses it, and its unused parameters would force DDP's find_unused_parameters.
+  - attention runs through nn.MultiheadAttention with need_weights=False, i.e. F.scaled_dot_product_attention.
+"""
+
+import argparse
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+from transformers import BertConfig, BertModel
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # torchvision resnet18/34/50/101; the paper uses 50 and 101
+    dilation: bool = False  # dilate layer4 (stride 16 instead of 32): 4x the visual tokens
+    imsize: int = 640  # side of the square padded canvas the model is built for
+    hidden_dim: int = 256  # D: width of the DETR encoder and of the fusion transformer
+    nheads: int = 8  # attention heads in both transformers
+    dim_feedforward: int = 2048  # FFN width in both transformers
+    dropout: float = 0.1  # dropout in both transformers (attention weights, FFN, residuals)
+    enc_layers: int = 6  # DETR (visual) encoder layers
+    vl_layers: int = 6  # fusion (visual-linguistic) transformer layers
+    max_query_len: int = 20  # L: text tokens incl. [CLS] and [SEP] (TransVG: 40 for RefCOCOg)
+    text_encoder: str = "bert-base-uncased"  # HF hub name or local directory of a BERT model
+    text_init: str = "pretrained"  # "pretrained" (weights of text_encoder) or "random"
+    text_config: dict | None = None  # BertConfig fields; filled at build time so a checkpoint rebuilds offline
+    visual_init: str = "random"  # "random", "imagenet" (torchvision), or a DETR / ResNet checkpoint path
+
+
+# BertConfig fields that fully determine the architecture (and hence the parameter shapes).
+BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+               "hidden_dropout_prob", "attention_probs_dropout_prob", "pad_token_id")
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def sine_position_embedding(feat_is_pad: torch.Tensor, dim: int) -> torch.Tensor:
+    """DETR's 2-D sine position encoding (normalize=True), (B,h,w) bool -> (B,h*w,dim).
+
+    Coordinates are cumulative counts of valid cells, divided by the valid extent: a padded image gets the same
+    encoding over its valid region as the same image without padding. Channels: [y-part | x-part], each
+    interleaving sin (even) and cos (odd) over dim/2 frequencies with temperature 10000.
+    """
+    not_pad = ~feat_is_pad
+    y = not_pad.cumsum(1, dtype=torch.float32)  # (B,h,w), 1-based row index inside the valid region
+    x = not_pad.cumsum(2, dtype=torch.float32)
+    y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
+    x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
+    half = dim // 2
+    freq = 10000 ** (2 * (torch.arange(half, device=x.device) // 2) / half)  # (dim/2,)
+    pos = []
+    for coord in (y, x):
+        angle = coord[..., None] / freq  # (B,h,w,dim/2)
+        pos.append(torch.stack((angle[..., 0::2].sin(), angle[..., 1::2].cos()), dim=4).flatten(3))
+    return torch.cat(pos, dim=3).flatten(1, 2)  # (B,h*w,dim)
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer of DETR and TransVG: positions go into queries and keys at every layer.
+
+    Parameter names match TransVG's (self_attn.in_proj_weight, linear1, linear2, norm1, norm2).
+    """
+
+    def __init__(self, dim: int, nheads: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_is_pad: torch.Tensor) -> torch.Tensor:
+        # x, pos: (B,T,D); key_is_pad: (B,T) True = ignore as a key. need_weights=False takes the SDPA path.
+        q = k = x + pos
+        attn = self.self_attn(q, k, x, key_padding_mask=key_is_pad, need_weights=False)[0]
+        x = self.norm1(x + self.dropout(attn))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.norm2(x + self.dropout(ffn))
+
+
+class Encoder(nn.Module):
+    def __init__(self, num_layers: int, dim: int, nheads: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(dim, nheads, dim_feedforward, dropout) for _ in range(num_layers))
+        for p in self.parameters():  # TransVG/DETR: xavier on every matrix, PyTorch defaults for biases
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_is_pad: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, pos, key_is_pad)
+        return x  # post-norm layers: no final LayerNorm
+
+
+def build_resnet(name: str, dilation: bool, init: str) -> nn.Module:
+    """A torchvision ResNet with frozen BN, no fc/avgpool, stem and layer1 frozen (DETR's BackboneBase)."""
+    if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise ValueError(f"backbone must be resnet18/34/50/101, got {name!r}")
+    if dilation and name in ("resnet18", "resnet34"):
+        raise ValueError(f"dilation needs a bottleneck ResNet (resnet50/101), got {name!r}")
+    kwargs = {"replace_stride_with_dilation": [False, False, True]} if dilation else {}
+    weights = "IMAGENET1K_V1" if init == "imagenet" else None
+    try:
+        net = getattr(torchvision.models, name)(weights=weights, norm_layer=FrozenBatchNorm2d, **kwargs)
+    except (OSError, RuntimeError) as e:  # urllib errors are OSErrors
+        raise RuntimeError(f"could not get torchvision's ImageNet weights for {name} ({e}); offline, pass "
+                           f"visual_init=<path to a DETR checkpoint or a torchvision {name} state dict>") from e
+    del net.fc, net.avgpool
+    for pname, p in net.named_parameters():
+        if not pname.startswith(("layer2", "layer3", "layer4")):
+            p.requires_grad_(False)  # conv1 and layer1 stay at their pre-trained values
+    return net
+
+
+def build_bert(cfg: ModelConfig) -> BertModel:
+    """BERT without its pooler, from pretrained weights or from a config (random init)."""
+    try:
+        if cfg.text_init == "pretrained":
+            return BertModel.from_pretrained(cfg.text_encoder, add_pooling_layer=False, attn_implementation="sdpa")
+        if cfg.text_init != "random":
+            raise ValueError(f"text_init must be 'pretrained' or 'random', got {cfg.text_init!r}")
+        config = BertConfig(**cfg.text_config) if cfg.text_config else BertConfig.from_pretrained(cfg.text_encoder)
+        config._attn_implementation = "sdpa"  # what from_pretrained's attn_implementation argument sets
+        return BertModel(config, add_pooling_layer=False)
+    except OSError as e:
+        raise OSError(f"could not load the BERT text encoder {cfg.text_encoder!r}: {e}\nGive text_encoder a local "
+                      "directory with config.json, model weights and vocab.txt (e.g. a copy of bert-base-uncased) "
+                      "or set HF_HOME to a cache that holds it.") from e
+
+
+# -----------------------------------------------------------------------------
+# the grounding model
+
+
+class GroundingModel(nn.Module):
+    """TransVG: out = model(images, img_is_pad, input_ids, attention_mask); see forward for the outputs."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D = cfg.hidden_dim
+        self.stride = 16 if cfg.dilation else 32
+        if cfg.imsize % self.stride:
+            raise ValueError(f"imsize {cfg.imsize} must be a multiple of the backbone stride {self.stride}")
+        self.num_visual = (cfg.imsize // self.stride) ** 2  # N: 400 for a 640 canvas
+        # visual branch: ResNet -> 1x1 conv -> DETR encoder (names as in DETR so its checkpoints map 1:1)
+        self.backbone = build_resnet(cfg.backbone, cfg.dilation, "imagenet" if cfg.visual_init == "imagenet" else "")
+        self.cnn_channels = self.backbone.layer4[-1].conv1.in_channels  # C: 2048 (bottleneck) or 512 (basic)
+        self.input_proj = nn.Conv2d(self.cnn_channels, D, kernel_size=1)
+        self.visual_encoder = Encoder(cfg.enc_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
+        # linguistic branch; its resolved config goes into cfg so a checkpoint can rebuild it without the hub
+        self.text_encoder = build_bert(cfg)
+        bert = self.text_encoder.config
+        self.cfg = replace(cfg, text_config={k: getattr(bert, k) for k in BERT_FIELDS})
+        # fusion: projections to D, [REG], learned positions for [REG | N visual | L text], the transformer
+        self.visual_proj = nn.Linear(D, D)
+        self.text_proj = nn.Linear(bert.hidden_size, D)
+        self.reg_token = nn.Parameter(torch.randn(1, D))  # N(0,1) like TransVG's nn.Embedding
+        self.pos_embed = nn.Parameter(torch.randn(1 + self.num_visual + cfg.max_query_len, D))
+        self.fusion = Encoder(cfg.vl_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
+        # prediction module, eq. 4: Linear-ReLU-Linear-ReLU-Linear, then a sigmoid in forward
+        self.bbox_head = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 4))
+        if cfg.visual_init not in ("random", "imagenet"):
+            load_visual_checkpoint(self, cfg.visual_init)
+
+    def distill_widths(self, loc: str) -> tuple[int, int]:
+        """Widths (Cv, Ct) of the student features at a distillation location (what the teacher is pooled to)."""
+        D, H = self.cfg.hidden_dim, self.text_encoder.config.hidden_size
+        widths = {"loc1": (D, D), "loc2": (D, D), "loc3": (D, H), "loc4": (self.cnn_channels, H)}
+        if loc not in widths:
+            raise ValueError(f"distillation location must be one of {sorted(widths)}, got {loc!r}")
+        return widths[loc]
+
+    def forward(self, images: torch.Tensor, img_is_pad: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> dict:
+        """images (B,3,S,S) normalised canvas; img_is_pad (B,S,S) True = padding; input_ids (B,L);
+        attention_mask (B,L) 1 = real token. Returns
+          "pred_boxes": (B,4) normalised (cx, cy, w, h) on the canvas;
+          "distill": {loc: (visual (B,Cv), text (B,Ct))}, the student features of the paper's Table 4:
+             loc1 fusion outputs at the first visual token ([VLS], p'_v^1) and at [CLS] (p'_l^1): the default;
+             loc2 the same two tokens right after visual_proj / text_proj (fusion inputs);
+             loc3 DETR encoder output (first token) and BERT's last layer at [CLS];
+             loc4 ResNet output (first cell, top-left) and BERT's embedding-layer output at [CLS].
+        """
+        B, _, S, S2 = images.shape
+        L = input_ids.shape[1]
+        if (S, S2) != (self.cfg.imsize,) * 2 or L != self.cfg.max_query_len:
+            raise ValueError(f"model expects {self.cfg.imsize}x{self.cfg.imsize} images and {self.cfg.max_query_len} "
+                             f"tokens (ModelConfig.imsize/max_query_len), got {S}x{S2} and {L}")
+        # visual branch
+        x = images
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            x = getattr(self.backbone, name)(x)
+        cnn = x  # (B,C,h,w)
+        # A cell is padding iff the pixel at its top-left corner is (nearest resize at an exact stride): TransVG's rule.
+        feat_is_pad = F.interpolate(img_is_pad[:, None].float(), size=cnn.shape[-2:]).squeeze(1).bool()  # (B,h,w)
+        pos = sine_position_embedding(feat_is_pad, self.cfg.hidden_dim).to(cnn.dtype)  # (B,N,D)
+        vis_is_pad = feat_is_pad.flatten(1)  # (B,N)
+        vis = self.input_proj(cnn).flatten(2).transpose(1, 2)  # (B,N,D)
+        vis = self.visual_encoder(vis, pos, vis_is_pad)  # (B,N,D)
+        # linguistic branch: every token of the last layer, pads masked in the fusion
+        bert = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        txt = bert.last_hidden_state  # (B,L,H)
+        txt_is_pad = attention_mask == 0  # (B,L)
+        # fusion, eq. 1: X = [p_r, p_v, p_l]
+        p_v, p_l = self.visual_proj(vis), self.text_proj(txt)  # (B,N,D), (B,L,D)
+        seq = torch.cat([self.reg_token.expand(B, 1, -1).to(p_v.dtype), p_v, p_l], dim=1)  # (B,1+N+L,D)
+        seq_is_pad = torch.cat([vis_is_pad.new_zeros(B, 1), vis_is_pad, txt_is_pad], dim=1)  # (B,1+N+L)
+        out = self.fusion(seq, self.pos_embed[None].to(seq.dtype), seq_is_pad)  # (B,1+N+L,D)
+        cls = 1 + self.num_visual  # index of [CLS] in the joint sequence
+        return {
+            "pred_boxes": self.bbox_head(out[:, 0]).sigmoid(),  # (B,4)
+            "distill": {
+                "loc1": (out[:, 1], out[:, cls]),
+                "loc2": (p_v[:, 0], p_l[:, 0]),
+                "loc3": (vis[:, 0], txt[:, 0]),
+                "loc4": (cnn[:, :, 0, 0], bert.hidden_states[0][:, 0]),
+            },
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", ckpt: dict | None = None
+                        ) -> "GroundingModel":
+        """Load one of our checkpoints (train.py) or an official TransVG one; returns the model in eval mode.
+        ckpt: the file's contents if the caller has already read them with read_checkpoint (no second read)."""
+        ckpt = read_checkpoint(path) if ckpt is None else ckpt
+        if "model_config" not in ckpt:
+            if "vl_pos_embed.weight" in ckpt.get("model", {}):
+                return transvg_model(ckpt, path).to(map_location).eval()
+            raise ValueError(f"{path}: neither our checkpoint (no 'model_config') nor TransVG's (no vl_pos_embed)")
+        cfg = ModelConfig(**{**ckpt["model_config"], "text_init": "random", "visual_init": "random"})
+        model = cls(cfg)
+        model.load_state_dict(ckpt["model"])
+        return model.to(map_location).eval()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: reading safely, DETR initialisation, TransVG interop
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True; argparse.Namespace (pickled by DETR/TransVG) is the one class allowed."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file not found: {path}") from None
+    except Exception as e:  # UnpicklingError, zip errors, truncated files
+        raise ValueError(f"{path}: not a readable checkpoint with plain data only ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])
+    return ckpt
+
+
+def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[str]]:
+    """Initialise the visual branch from a DETR checkpoint ({'model': {backbone.0.body.*, input_proj.*,
+    transformer.encoder.*, ...}}) or a torchvision ResNet state dict (conv1.weight, layer1.*, ...).
+    Returns {"loaded": [...], "ignored": [...]} and prints a summary; raises if the file does not fit the model."""
+    ckpt = read_checkpoint(path)
+    sd = ckpt.get("model", ckpt)
+    if any(k.startswith("backbone.0.body.") for k in sd):  # DETR
+        rename = {"backbone.0.body.": "backbone.", "input_proj.": "input_proj.",
+                  "transformer.encoder.layers.": "visual_encoder.layers."}
+        expected = ("backbone.", "input_proj.", "visual_encoder.")
+    elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:  # torchvision ResNet
+        rename, expected = {"": "backbone."}, ("backbone.",)
+    else:
+        raise ValueError(f"{path}: expected a DETR checkpoint (keys backbone.0.body.*, input_proj.*, "
+                         f"transformer.encoder.*) or a torchvision ResNet state dict (conv1.weight, layer1.*); "
+                         f"found keys like {sorted(sd)[:5]}")
+    mapped, ignored = {}, []
+    for k, v in sd.items():
+        new = next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), None)
+        (ignored.append(k) if new is None or k.endswith("num_batches_tracked") or new.startswith("backbone.fc.")
+         else mapped.__setitem__(new, v))
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(expected)}
+    missing = sorted(set(own) - set(mapped))
+    unexpected = sorted(set(mapped) - set(own))
+    wrong = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit backbone={model.cfg.backbone} enc_layers={model.cfg.enc_layers}: "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
+    model.load_state_dict(mapped, strict=False)
+    print(f"visual branch: loaded {len(mapped)} tensors from {path}; ignored {len(ignored)} "
+          f"(e.g. {sorted({k.split('.')[0] for k in ignored})})")
+    return {"loaded": sorted(mapped), "ignored": sorted(ignored)}
+
+
+# TransVG key prefix -> ours. textmodel.bert.pooler.* has no counterpart (we drop the unused pooler).
+TRANSVG_PREFIXES = {
+    "visumodel.backbone.0.body.": "backbone.",
+    "visumodel.input_proj.": "input_proj.",
+    "visumodel.transformer.encoder.layers.": "visual_encoder.layers.",
+    "textmodel.bert.": "text_encoder.",
+    "vl_pos_embed.weight": "pos_embed",
+    "reg_token.weight": "reg_token",
+    "visu_proj.": "visual_proj.",
+    "text_proj.": "text_proj.",
+    "vl_transformer.encoder.layers.": "fusion.layers.",
+    "bbox_embed.layers.0.": "bbox_head.0.",
+    "bbox_embed.layers.1.": "bbox_head.2.",
+    "bbox_embed.layers.2.": "bbox_head.4.",
+}
+
+
+def _rename(sd: dict, prefixes: dict[str, str]) -> dict:
+    out = {}
+    for k, v in sd.items():
+        old = next((p for p in prefixes if k.startswith(p)), None)
+        if old is None:
+            raise KeyError(f"no mapping for key {k!r}")
+        out[prefixes[old] + k[len(old):]] = v
+    return out
+
+
+def transvg_to_ours(sd: dict, max_query_len: int) -> dict:
+    """Map an official TransVG state dict to ours: rename keys, drop BERT's pooler, and reorder the position rows
+    from TransVG's [REG, L text, N visual] to the paper's [REG, N visual, L text]."""
+    sd = _rename({k: v for k, v in sd.items() if not k.startswith("textmodel.bert.pooler.")}, TRANSVG_PREFIXES)
+    pos, L = sd["pos_embed"], max_query_len
+    sd["pos_embed"] = torch.cat([pos[:1], pos[1 + L:], pos[1:1 + L]])
+    return sd
+
+
+def ours_to_transvg(sd: dict, max_query_len: int) -> dict:
+    """The inverse of transvg_to_ours (without the pooler, which we never had)."""
+    sd = _rename(sd, {v: k for k, v in TRANSVG_PREFIXES.items()})
+    pos, L = sd["vl_pos_embed.weight"], max_query_len
+    sd["vl_pos_embed.weight"] = torch.cat([pos[:1], pos[-L:], pos[1:-L]])
+    return sd
+
+
+def transvg_config(sd: dict, args: dict) -> ModelConfig:
+    """Infer our ModelConfig from the shapes of an official TransVG state dict (args only fill what shapes can't)."""
+    def count(prefix):  # number of indexed blocks under a prefix, e.g. layer3.{0..22}
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    body = "visumodel.backbone.0.body."
+    if any(k.startswith("visumodel.backbone.1.") for k in sd):
+        raise ValueError("TransVG checkpoints with --position_embedding learned are not supported (sine only)")
+    bottleneck = f"{body}layer1.0.conv3.weight" in sd
+    backbone = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}.get(
+        (bottleneck, count(f"{body}layer3.")))
+    if backbone is None:
+        raise ValueError(f"unrecognised ResNet in TransVG checkpoint ({count(body + 'layer3.')} layer3 blocks)")
+    word = sd["textmodel.bert.embeddings.word_embeddings.weight"]
+    hidden = word.shape[1]
+    # Rows of the position table = 1 + L + N_v with N_v = (imsize/stride)^2: the dilation that leaves a text length
+    # BERT can hold is the one the checkpoint was trained with.
+    rows, imsize = sd["vl_pos_embed.weight"].shape[0], int(args.get("imsize", 640))
+    max_pos = sd["textmodel.bert.embeddings.position_embeddings.weight"].shape[0]
+    fits = [(d, rows - 1 - (imsize // s) ** 2) for d, s in ((False, 32), (True, 16)) if bottleneck or not d]
+    fits = [(d, L) for d, L in fits if 2 <= L <= max_pos]
+    if len(fits) > 1 and "dilation" in args:  # only tiny models are ambiguous; then args decide
+        fits = [f for f in fits if f[0] == bool(args["dilation"])]
+    if len(fits) != 1:
+        raise ValueError(f"cannot infer dilation and max_query_len from {rows} position rows at imsize {imsize}")
+    dilation, max_query_len = fits[0]
+    for key, val in (("dilation", dilation), ("max_query_len", max_query_len)):
+        if key in args and args[key] != val:
+            raise ValueError(f"checkpoint args say {key}={args[key]} but its weights imply {val}")
+    text_config = {
+        "vocab_size": word.shape[0], "hidden_size": hidden,
+        "num_hidden_layers": count("textmodel.bert.encoder.layer."),
+        "num_attention_heads": hidden // 64,  # BERT's 64-d heads (base 12, large 16): not visible in the shapes
+        "intermediate_size": sd["textmodel.bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "hidden_act": "gelu", "max_position_embeddings": max_pos,
+        "type_vocab_size": sd["textmodel.bert.embeddings.token_type_embeddings.weight"].shape[0],
+        "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0,
+    }
+    return ModelConfig(
+        backbone=backbone, dilation=dilation, imsize=imsize, hidden_dim=sd["reg_token.weight"].shape[1],
+        nheads=int(args.get("vl_nheads", 8)), dropout=float(args.get("vl_dropout", 0.1)),
+        dim_feedforward=sd["vl_transformer.encoder.layers.0.linear1.weight"].shape[0],
+        enc_layers=count("visumodel.transformer.encoder.layers."), vl_layers=count("vl_transformer.encoder.layers."),
+        max_query_len=max_query_len, text_encoder=str(args.get("bert_model", "bert-base-uncased")),
+        text_init="random", text_config=text_config, visual_init="random")
+
+
+def load_transvg(path: str, map_location: str | torch.device = "cpu") -> GroundingModel:
+    """Build the GroundingModel matching an official TransVG checkpoint ({'model', 'args', ...}), with no network
+    access, load its weights strictly and return it in eval mode. Same pred_boxes as the official code."""
+    return transvg_model(read_checkpoint(path), path).to(map_location).eval()
+
+
+def transvg_model(ckpt: dict, path: str) -> GroundingModel:
+    sd, args = ckpt.get("model"), ckpt.get("args") or {}
+    if not isinstance(sd, dict) or "vl_pos_embed.weight" not in sd:
+        raise ValueError(f"{path}: not a TransVG checkpoint (expected a 'model' dict with vl_pos_embed.weight)")
+    cfg = transvg_config(sd, args)
+    model = GroundingModel(cfg)
+    model.load_state_dict(transvg_to_ours(sd, cfg.max_query_len), strict=True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and trainable parameter counts (FrozenBatchNorm statistics are buffers, not parameters)."""
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+

@@ -1,0 +1,238 @@
+"""The student model: shapes, gradients, masks, and checkpoint interop (DETR, torchvision, TransVG, ours).
+
+Run: python -m pytest -q tests/test_model.py
+Parity with the *official* TransVG code needs that code and is checked outside the suite (see the README).
+"""
+import argparse
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+from losses import total_loss
+from model import (GroundingModel, load_transvg, ours_to_transvg, read_checkpoint, sine_position_embedding,
+                   transvg_config, transvg_to_ours)
+
+
+def inputs(cfg, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S, L = cfg.imsize, cfg.max_query_len
+    images = torch.randn(B, 3, S, S, generator=g)
+    img_is_pad = torch.zeros(B, S, S, dtype=torch.bool)
+    img_is_pad[1, :, S // 2:] = True  # right half padded
+    img_is_pad[2, S * 3 // 4:, :] = True  # bottom quarter padded
+    input_ids = torch.randint(5, 60, (B, L), generator=g)
+    attention_mask = torch.ones(B, L, dtype=torch.long)
+    attention_mask[0, 4:] = 0
+    input_ids[0, 4:] = 0
+    return images, img_is_pad, input_ids, attention_mask
+
+
+@pytest.fixture
+def model(tiny_config):
+    torch.manual_seed(0)
+    return GroundingModel(tiny_config()).eval()
+
+
+def test_output_shapes_keys_and_range(model):
+    out = model(*inputs(model.cfg))
+    assert out["pred_boxes"].shape == (3, 4)
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+    assert set(out["distill"]) == {"loc1", "loc2", "loc3", "loc4"}
+    for loc, (v, t) in out["distill"].items():
+        assert (v.shape[1], t.shape[1]) == model.distill_widths(loc), loc
+        assert v.shape[0] == t.shape[0] == 3 and torch.isfinite(v).all() and torch.isfinite(t).all()
+    assert model.distill_widths("loc4") == (512, 64)  # ResNet-18 channels, BERT width
+    with pytest.raises(ValueError, match="loc5"):
+        model.distill_widths("loc5")
+
+
+def test_distill_locations_read_the_documented_tokens(model):
+    captured = {}
+    model.fusion.register_forward_hook(lambda m, i, o: captured.__setitem__("fusion", o))
+    model.visual_encoder.register_forward_hook(lambda m, i, o: captured.__setitem__("visual", o))
+    out = model(*inputs(model.cfg))
+    fused, n = captured["fusion"], model.num_visual
+    assert n == (64 // 32) ** 2 and fused.shape[1] == 1 + n + model.cfg.max_query_len
+    assert torch.equal(out["distill"]["loc1"][0], fused[:, 1])  # first visual token [VLS]
+    assert torch.equal(out["distill"]["loc1"][1], fused[:, 1 + n])  # [CLS], first text token
+    assert torch.equal(out["distill"]["loc3"][0], captured["visual"][:, 0])
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_do_not(tiny_config):
+    torch.manual_seed(0)
+    model = GroundingModel(tiny_config()).train()
+    out = model(*inputs(model.cfg))
+    loss, _ = total_loss(out["pred_boxes"], torch.full((3, 4), 0.3))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert no_grad == []
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("backbone.conv1", "backbone.layer1")) for n in frozen)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    bns = [m for m in model.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert bns and all(not list(m.parameters()) for m in bns)  # statistics and affine are buffers
+
+
+def test_text_padding_and_batch_composition_do_not_change_a_prediction(model):
+    images, img_is_pad, input_ids, attention_mask = inputs(model.cfg)
+    ref = model(images, img_is_pad, input_ids, attention_mask)["pred_boxes"]
+    garbage = input_ids.clone()
+    garbage[0, 4:] = 7  # ids under attention_mask == 0 must not matter
+    assert torch.allclose(model(images, img_is_pad, garbage, attention_mask)["pred_boxes"], ref, atol=1e-6)
+    alone = model(images[1:2], img_is_pad[1:2], input_ids[1:2], attention_mask[1:2])["pred_boxes"]
+    assert torch.allclose(alone, ref[1:2], atol=1e-6)
+
+
+def test_sine_position_is_normalised_over_the_valid_region():
+    full = sine_position_embedding(torch.zeros(1, 3, 4, dtype=torch.bool), 8)  # (1,12,8)
+    padded = torch.zeros(1, 5, 6, dtype=torch.bool)
+    padded[:, 3:, :] = True
+    padded[:, :, 4:] = True
+    pos = sine_position_embedding(padded, 8).view(1, 5, 6, 8)
+    assert torch.allclose(pos[:, :3, :4].reshape(1, 12, 8), full, atol=1e-6)
+    # hand value: cell (row 1, col 2) of the 3x4 map; y = 2/3 * 2pi, x = 3/4 * 2pi; channel 0 = sin(y), 4 = sin(x)
+    cell = full.view(3, 4, 8)[1, 2]
+    assert cell[0].item() == pytest.approx(math.sin(2 / 3 * 2 * math.pi), abs=1e-5)
+    assert cell[1].item() == pytest.approx(math.cos(2 / 3 * 2 * math.pi), abs=1e-5)
+    assert cell[4].item() == pytest.approx(math.sin(3 / 4 * 2 * math.pi), abs=1e-5)
+
+
+def test_wrong_input_sizes_are_refused(model):
+    images, img_is_pad, input_ids, attention_mask = inputs(model.cfg)
+    with pytest.raises(ValueError, match="64x64"):
+        model(images[..., :32], img_is_pad[..., :32], input_ids, attention_mask)
+    with pytest.raises(ValueError, match="8 tokens"):
+        model(images, img_is_pad, input_ids[:, :5], attention_mask[:, :5])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def test_our_checkpoint_round_trips_bit_exactly(model, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, path)
+    again = GroundingModel.from_checkpoint(str(path))
+    assert not again.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    x = inputs(model.cfg)
+    assert torch.equal(model(*x)["pred_boxes"], again(*x)["pred_boxes"])
+
+
+def detr_checkpoint(model):
+    """A DETR-format checkpoint fabricated from a model's visual weights, with DETR's extra keys and pickled args."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone."):
+            sd["backbone.0.body." + k[len("backbone."):]] = v.clone()
+        elif k.startswith("input_proj."):
+            sd[k] = v.clone()
+        elif k.startswith("visual_encoder.layers."):
+            sd["transformer.encoder.layers." + k[len("visual_encoder.layers."):]] = v.clone()
+    sd["transformer.decoder.layers.0.linear1.weight"] = torch.zeros(4, 4)
+    sd["query_embed.weight"] = torch.zeros(100, 32)
+    sd["class_embed.weight"] = torch.zeros(92, 32)
+    return {"model": sd, "args": argparse.Namespace(backbone="resnet18", lr=1e-4), "epoch": 3}
+
+
+def test_detr_checkpoint_initialises_the_visual_branch(tiny_config, tmp_path, capsys):
+    torch.manual_seed(1)
+    source = GroundingModel(tiny_config())
+    path = tmp_path / "detr.pth"
+    torch.save(detr_checkpoint(source), path)
+    torch.manual_seed(2)
+    model = GroundingModel(tiny_config(visual_init=str(path)))
+    for k, v in source.state_dict().items():
+        if k.startswith(("backbone.", "input_proj.", "visual_encoder.")):
+            assert torch.equal(model.state_dict()[k], v), k
+    assert not torch.equal(model.state_dict()["fusion.layers.0.linear1.weight"],
+                           source.state_dict()["fusion.layers.0.linear1.weight"])
+    assert "ignored 3" in capsys.readouterr().out
+
+
+def test_torchvision_resnet_state_dict_initialises_the_backbone(tiny_config, tmp_path):
+    resnet = torchvision.models.resnet18()  # plain BatchNorm2d: num_batches_tracked and fc.* must be dropped
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet.state_dict(), path)
+    model = GroundingModel(tiny_config(visual_init=str(path)))
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
+    assert torch.equal(model.backbone.bn1.running_var, resnet.bn1.running_var)
+
+
+def test_bad_visual_checkpoints_fail_with_clear_messages(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        GroundingModel(tiny_config(visual_init=str(tmp_path / "nowhere.pth")))
+    wrong_depth = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), wrong_depth)
+    with pytest.raises(ValueError, match="does not fit backbone=resnet18"):
+        GroundingModel(tiny_config(visual_init=str(wrong_depth)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        GroundingModel(tiny_config(visual_init=str(junk)))
+    other = tmp_path / "other.pth"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="expected a DETR checkpoint"):
+        GroundingModel(tiny_config(visual_init=str(other)))
+
+
+class Payload:  # an arbitrary class: unpickling it would run code we do not trust
+    pass
+
+
+def test_checkpoints_with_arbitrary_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": Payload()}, path)
+    with pytest.raises(ValueError, match="plain data only"):
+        read_checkpoint(str(path))
+
+
+def transvg_checkpoint(model):
+    """An official-format TransVG checkpoint made from one of our models: pooler added, args pickled."""
+    sd = ours_to_transvg(model.state_dict(), model.cfg.max_query_len)
+    H = model.text_encoder.config.hidden_size
+    sd["textmodel.bert.pooler.dense.weight"], sd["textmodel.bert.pooler.dense.bias"] = torch.zeros(H, H), torch.zeros(H)
+    args = argparse.Namespace(imsize=model.cfg.imsize, max_query_len=model.cfg.max_query_len, dilation=False,
+                              vl_nheads=model.cfg.nheads, bert_model="bert-base-uncased", backbone="resnet18")
+    return {"model": sd, "optimizer": {}, "epoch": 89, "args": args, "val_accu": 0.8}
+
+
+def test_transvg_checkpoint_loads_and_predicts_the_same(model, tmp_path):
+    path = tmp_path / "TransVG_tiny.pth"
+    torch.save(transvg_checkpoint(model), path)
+    loaded = load_transvg(str(path))
+    assert loaded.cfg.backbone == "resnet18" and loaded.cfg.max_query_len == 8 and not loaded.training
+    x = inputs(model.cfg)
+    assert torch.allclose(loaded(*x)["pred_boxes"], model(*x)["pred_boxes"], atol=1e-6)
+    via_generic = GroundingModel.from_checkpoint(str(path))
+    assert torch.allclose(via_generic(*x)["pred_boxes"], model(*x)["pred_boxes"], atol=1e-6)
+
+
+def test_transvg_key_mapping_round_trips_and_reorders_position_rows(model):
+    ours = model.state_dict()
+    L, N = model.cfg.max_query_len, model.num_visual
+    official = ours_to_transvg(ours, L)
+    assert all(k.startswith(("visumodel.", "textmodel.bert.", "vl_", "reg_token", "visu_proj", "text_proj", "bbox_embed"))
+               for k in official)
+    back = transvg_to_ours(official, L)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+    # official rows: [REG, L text, N visual]; ours: [REG, N visual, L text]
+    rows = torch.arange(1 + L + N, dtype=torch.float32)[:, None].expand(-1, 2)
+    mapped = transvg_to_ours({**official, "vl_pos_embed.weight": rows}, L)["pos_embed"][:, 0]
+    assert mapped.tolist() == [0] + list(range(1 + L, 1 + L + N)) + list(range(1, 1 + L))
+
+
+def test_transvg_architecture_is_inferred_from_shapes(tiny_config):
+    torch.manual_seed(0)
+    big = GroundingModel(tiny_config(backbone="resnet50", dilation=True, imsize=64, max_query_len=6))
+    sd = ours_to_transvg(big.state_dict(), 6)
+    cfg = transvg_config(sd, {"imsize": 64, "dilation": True})
+    assert (cfg.backbone, cfg.dilation, cfg.max_query_len, cfg.enc_layers, cfg.vl_layers) == ("resnet50", True, 6, 2, 2)
+    assert cfg.text_config["hidden_size"] == 64 and cfg.text_config["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="max_query_len=20"):
+        transvg_config(sd, {"imsize": 64, "dilation": True, "max_query_len": 20})

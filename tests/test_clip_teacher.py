@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
@@ -16,6 +15,7 @@ from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
 from clip_teacher import CLIPTeacher, adaptive_avg_pool
 from losses import distill_loss
+from model import GroundingModel
 
 IMAGE_SIZE = 32  # R of the tiny CLIP; the canvases below are S = 48 so the teacher really resizes
 CANVAS = 48
@@ -69,17 +69,15 @@ def random_canvas(batch=2, seed=0):
     return imagenet_normalise(torch.rand(batch, 3, CANVAS, CANVAS, generator=g))
 
 
-class TinyStudent(nn.Module):
-    """Stand-in for GroundingModel: gives (visual (B,256), text (B,256)) features to distill into."""
-
-    def __init__(self):
-        super().__init__()
-        self.visual = nn.Linear(3, 256)
-        self.text = nn.Embedding(64, 256)
-        self.dropout = nn.Dropout(0.1)
-
-    def forward(self, images, input_ids):
-        return self.dropout(self.visual(images.mean(dim=(2, 3)))), self.text(input_ids).mean(dim=1)
+def student_batch(cfg, batch=3):
+    """Inputs for a tiny GroundingModel: a random ImageNet-normalised canvas and random token ids."""
+    g = torch.Generator().manual_seed(0)
+    S, L = cfg.imsize, cfg.max_query_len
+    images = imagenet_normalise(torch.rand(batch, 3, S, S, generator=g))
+    img_is_pad = torch.zeros(batch, S, S, dtype=torch.bool)
+    img_is_pad[1, :, S // 2:] = True  # right half padded, as data.py would mark it
+    input_ids = torch.randint(5, 60, (batch, L), generator=g)
+    return images, img_is_pad, input_ids, torch.ones(batch, L, dtype=torch.long)
 
 
 # -----------------------------------------------------------------------------
@@ -199,30 +197,39 @@ def test_long_text_is_truncated_to_77_and_keeps_its_end_token(teacher):
 # frozen teacher: invisible to the student, no gradients, always eval
 
 
-def test_frozen_teacher_stays_out_of_the_student(teacher):
-    student = TinyStudent()
+def test_frozen_teacher_stays_out_of_the_student(teacher, tiny_config):
+    torch.manual_seed(0)
+    student = GroundingModel(tiny_config())
+    keys = set(student.state_dict())
     student.teacher = teacher  # even as an attribute it is not registered: it is not an nn.Module
     student.train()
     assert not teacher.model.training
     assert teacher.train() is teacher and not teacher.model.training  # train() keeps eval on purpose
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert set(student.state_dict()) == {"visual.weight", "visual.bias", "text.weight"}
+    assert set(student.state_dict()) == keys
+    teacher_ids = {id(p) for p in teacher.parameters()}
     optimizer = torch.optim.AdamW(student.parameters())
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not in_optimizer & {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
-def test_gradients_reach_the_student_and_not_the_frozen_teacher(teacher):
-    student = TinyStudent().train()
-    canvas, ids = random_canvas(3), torch.randint(0, 64, (3, 5))
-    v, t = student(canvas, ids)
-    target_v, target_t = teacher.targets(canvas, TEXTS, widths=(256, 256))
-    dte = teacher.encode_text(TEXTS)  # (3,512), unpooled: what a loss would see without targets()
-    assert not target_v.requires_grad and not any(x.is_inference() for x in (target_v, target_t, dte))
-    terms = distill_loss((v, t), (target_v, target_t))
-    # A product saves the teacher tensor for backward, which an inference-mode tensor would refuse.
-    (sum(terms.values()) + (t * dte[:, :256]).mean()).backward()
-    assert student.visual.weight.grad.abs().sum() > 0 and student.text.weight.grad.abs().sum() > 0
+def test_each_location_gets_targets_of_its_width_and_only_the_student_gets_gradients(teacher, tiny_config):
+    torch.manual_seed(0)
+    student = GroundingModel(tiny_config()).train()
+    batch = student_batch(student.cfg)
+    out = student(*batch)
+    loss = 0.0
+    for loc in ("loc1", "loc2", "loc3", "loc4"):  # tiny widths: (32,32) (32,32) (32,64) (512,64)
+        target = teacher.targets(batch[0], TEXTS, student.distill_widths(loc))
+        assert [t.shape for t in target] == [f.shape for f in out["distill"][loc]]
+        assert not any(t.requires_grad or t.is_inference() for t in target)
+        loss = loss + sum(distill_loss(out["distill"][loc], target).values())
+    # A product saves the teacher tensor for backward, which an inference-mode tensor would refuse;
+    # the unpooled embedding is what a loss would see without targets().
+    dte = teacher.encode_text(TEXTS)  # (3,512)
+    cls = out["distill"]["loc1"][1]  # (3,32)
+    (loss + (cls * dte[:, :32]).mean()).backward()
+    assert student.fusion.layers[-1].linear2.weight.grad.abs().sum() > 0  # reached through loc1
+    assert student.backbone.layer4[-1].conv2.weight.grad.abs().sum() > 0  # reached through loc4 too
     assert all(p.grad is None for p in teacher.parameters())
 
 
@@ -230,22 +237,23 @@ def test_gradients_reach_the_student_and_not_the_frozen_teacher(teacher):
 # trainable teacher (Table 5 "unfrozen")
 
 
-def test_trainable_teacher_gets_the_distillation_gradient_and_updates(clip_dir):
+def test_trainable_teacher_gets_the_distillation_gradient_and_updates(clip_dir, tiny_config):
     teacher = CLIPTeacher(str(clip_dir), device="cpu", trainable=True)
-    student = TinyStudent()
-    student.train()
+    torch.manual_seed(0)
+    student = GroundingModel(tiny_config()).train()
     assert not teacher.model.training and all(p.requires_grad for p in teacher.parameters())
-    optimizer = torch.optim.AdamW([{"params": list(student.parameters())},
-                                   {"params": list(teacher.parameters()), "lr": 1e-3}])
-    canvas, ids = random_canvas(3), torch.randint(0, 64, (3, 5))
-    before = teacher.model.visual_projection.weight.detach().clone()
-    loss = sum(distill_loss(student(canvas, ids), teacher.targets(canvas, TEXTS, widths=(256, 256))).values())
-    loss.backward()
+    # as train.py would: the teacher joins the optimizer at the backbone learning rate
+    optimizer = torch.optim.AdamW([{"params": list(student.parameters()), "lr": 1e-4},
+                                   {"params": list(teacher.parameters()), "lr": 1e-5}])
+    batch = student_batch(student.cfg)
+    target = teacher.targets(batch[0], TEXTS, student.distill_widths("loc1"))
+    sum(distill_loss(student(*batch)["distill"]["loc1"], target).values()).backward()
     model = teacher.model
     for p in (model.visual_projection.weight, model.text_projection.weight,
               model.vision_model.embeddings.patch_embedding.weight,
               model.text_model.embeddings.token_embedding.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+    before = model.visual_projection.weight.detach().clone()
     optimizer.step()
     assert not torch.equal(before, model.visual_projection.weight)
 

@@ -248,3 +248,30 @@ class CLIPTeacher:
         img = None if img_width is None else adaptive_avg_pool(self.encode_image(images), img_width)
         txt = None if txt_width is None else adaptive_avg_pool(self.encode_text(texts), txt_width)
         return img, txt
+
+
+# -----------------------------------------------------------------------------
+# a tokenizer for CLIPs that have no OpenAI vocabulary: random-weight benchmarks and the synthetic world's teacher
+
+
+def save_word_tokenizer(directory: str | Path, words: list[str] = ()) -> CLIPTokenizer:
+    """Save a CLIP BPE tokenizer over printable ASCII whose merges spell each of `words` as one token.
+
+    Any text tokenises (unknown words fall back to characters); the words given, e.g. the synthetic world's
+    vocabulary, become single tokens, as real words mostly are in OpenAI's 49k vocabulary. Specials come last,
+    as in OpenAI's vocabulary, so <|endoftext|> has the largest id.
+    """
+    chars = [chr(c) for c in range(33, 127)]
+    merges = []
+    for word in dict.fromkeys(w.lower() for w in words if len(w) > 1):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]  # BPE's end-of-word marker rides on the last character
+        prefix = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((prefix, piece))
+            prefix += piece
+    merges = list(dict.fromkeys(merges))
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer

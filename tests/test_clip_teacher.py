@@ -13,7 +13,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
 from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
-from clip_teacher import CLIPTeacher, adaptive_avg_pool
+from clip_teacher import CLIPTeacher, adaptive_avg_pool, save_word_tokenizer
 from losses import distill_loss
 from model import GroundingModel
 
@@ -322,3 +322,11 @@ def test_cuda_runs_bf16_and_returns_fp32(clip_dir, teacher):
     assert emb.dtype == torch.float32 and gpu.amp_dtype == torch.bfloat16
     cos = F.cosine_similarity(emb.cpu(), teacher.encode_image(canvas))
     assert (cos > 0.99).all()
+
+
+def test_word_tokenizer_spells_given_words_as_single_tokens(tmp_path):
+    tok = save_word_tokenizer(tmp_path, ["circle", "red", "left"])
+    assert tok.tokenize("the red circle on the left") == ["t", "h", "e</w>", "red</w>", "circle</w>", "o", "n</w>",
+                                                          "t", "h", "e</w>", "left</w>"]
+    assert tok.eos_token_id == len(tok) - 1  # specials last, as in OpenAI's vocabulary
+    assert CLIPTokenizer.from_pretrained(tmp_path).tokenize("circles") == ["circl", "e", "s</w>"]

@@ -13,8 +13,15 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from losses import total_loss
-from model import (GroundingModel, load_transvg, ours_to_transvg, read_checkpoint, sine_position_embedding,
-                   transvg_config, transvg_to_ours)
+from model import (
+    GroundingModel,
+    load_transvg,
+    ours_to_transvg,
+    read_checkpoint,
+    sine_position_embedding,
+    transvg_config,
+    transvg_to_ours,
+)
 
 
 def inputs(cfg, B=3, seed=0):

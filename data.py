@@ -2,7 +2,7 @@
 
 Contents
   registry     DATASETS: each --dataset name -> TransVG split folder, image folder, splits, box format
-  text         whole-word left/right swap and spatial-word test, load_tokenizer, tokenize
+  text         whole-word left/right swap and spatial-word test, load_tokenizer, make_encoder, tokenize
   transforms   train (random resize / box-keeping crop / jitter / flip+swap / translate) and eval
                (long side to imsize, centred pad), canvas_to_original_xyxy (the one inverse), collate
   datasets     TransVGSplits (the split files every TransVG-lineage codebase ships), ShapesWorld (a
@@ -385,7 +385,6 @@ class TransVGSplits(GroundingDataset):
         return image, torch.tensor(xyxy, dtype=torch.float32), text
 
 
-
 # -----------------------------------------------------------------------------
 # the synthetic world
 
@@ -474,7 +473,7 @@ def _expressions(objects: list[dict], h: int, w: int) -> dict[str, list[str]]:
 
 
 class ShapesWorld(GroundingDataset):
-    """A procedurally generated referring-expression dataset: 2-5 coloured shapes on a grey background,
+    """A procedurally generated referring-expression dataset: 2-5 coloured shapes on a muted background,
     and an expression that singles one out by its attributes ("the small red circle"), by its position
     among look-alikes ("the blue square on the left", "the leftmost circle") or relative to a landmark
     ("the triangle above the green circle"). Distractors copy each of the target's attributes with
@@ -539,8 +538,9 @@ class ShapesWorld(GroundingDataset):
 def make_dataset(name: str, split: str, tokenizer, *, train: bool, imsize: int = 640, max_query_len: int = 20,
                  split_root: str = "data", data_root: str = "ln_data", seed: int = 0, size: int | None = None,
                  image_size: int = 128, drop_invalid: bool = False) -> GroundingDataset:
-    """The dataset `name` (a DATASETS key), split `split`. seed, size (samples; default 20000 train,
-    1000 val/test) and image_size (long side) are for shapes only; drop_invalid for the real ones."""
+    """The dataset `name` (a DATASETS key), split `split`. TransVG uses max_query_len 40 for RefCOCOg
+    (DATASETS[name].max_query_len). seed, size (samples; default 20000 train, 1000 val/test) and
+    image_size (long side of its images) are for shapes only; drop_invalid for the real ones."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if split not in DATASETS[name].splits:

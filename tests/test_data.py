@@ -119,7 +119,7 @@ def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.load_tokenizer(str(tmp_path / "nope"))
     with pytest.raises(OSError, match="vocab"):  # offline (conftest): transformers returns an empty vocab
-        data.load_tokenizer("bert-base-uncased")
+        data.load_tokenizer("no-such-org/no-such-bert")
 
 
 # -----------------------------------------------------------------------------

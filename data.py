@@ -370,19 +370,24 @@ class TransVGSplits(GroundingDataset):
 
     def load(self, i: int):
         img_file, xyxy, text = self.items[i]
-        path = os.path.join(self.image_dir, img_file)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{self.name} {self.split} entry {i}: image {path} not found")
-        try:
-            # RGB whatever the file holds (grayscale, CMYK, palette, RGBA: alpha dropped, like PIL's
-            # convert("RGB")). EXIF orientation is ignored, as TransVG's PIL loading does: the COCO, Flickr
-            # and ReferIt boxes were drawn on the stored pixels.
-            image = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise RuntimeError(f"{self.name} {self.split} entry {i}: cannot decode image {path}: {e}") from e
-        if image.dtype != torch.uint8:  # 16-bit PNG: scaled to 8 bits (PIL's convert("RGB") would clip)
-            image = F.to_dtype(image, torch.uint8, scale=True)
+        image = read_image(os.path.join(self.image_dir, img_file), f"{self.name} {self.split} entry {i}: ")
         return image, torch.tensor(xyxy, dtype=torch.float32), text
+
+
+def read_image(path: str, where: str = "") -> torch.Tensor:
+    """uint8 (3,H,W) RGB from an image file; errors name the file (and `where`, e.g. the dataset entry)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}image {path} not found")
+    try:
+        # RGB whatever the file holds (grayscale, CMYK, palette, RGBA: alpha dropped, like PIL's
+        # convert("RGB")). EXIF orientation is ignored, as TransVG's PIL loading does: the COCO, Flickr
+        # and ReferIt boxes were drawn on the stored pixels.
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise RuntimeError(f"{where}cannot decode image {path}: {e}") from e
+    if image.dtype != torch.uint8:  # 16-bit PNG: scaled to 8 bits (PIL's convert("RGB") would clip)
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
 
 
 # -----------------------------------------------------------------------------

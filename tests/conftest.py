@@ -31,3 +31,38 @@ def tiny_config():
                     vl_layers=2, max_query_len=8, text_init="random", text_config=dict(TINY_BERT))
         return ModelConfig(**{**base, **overrides})
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP (32-d towers, 64-d embeddings, 32 px images) with a word tokenizer, saved like a hub model."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from clip_teacher import save_word_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    tok = save_word_tokenizer(directory, ["the", "red", "circle", "left"])
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(text_config={"vocab_size": len(tok), "max_position_embeddings": 77,
+                                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                                     "pad_token_id": tok.pad_token_id, **tower},
+                        vision_config={"image_size": 32, "patch_size": 8, **tower}, projection_dim=64)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_flags():
+    """train.py flags for a seconds-long run on the synthetic world: 64 px, 1+1 layers of width 32."""
+    return _tiny_train_flags
+
+
+def _tiny_train_flags(out_dir, *extra: str) -> list[str]:
+    return [f"--out_dir={out_dir}", f"--text_encoder={out_dir}/vocab", "--dataset=shapes", "--device=cpu",
+            "--imsize=64", "--shapes_image_size=64", "--hidden_dim=32", "--nheads=2", "--dim_feedforward=64",
+            "--enc_layers=1", "--vl_layers=1", "--max_query_len=16",
+            '--text_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, '
+            '"intermediate_size": 64, "max_position_embeddings": 32}',
+            "--shapes_train_size=24", "--shapes_eval_size=9", "--batch_size=8", "--micro_batch=4",
+            "--num_workers=0", "--eval_batch=4", "--distill=none", *extra]

@@ -1,0 +1,335 @@
+"""Evaluate a grounding checkpoint: a per-split accuracy table, pictures, and single-image prediction.
+
+    python evaluate.py --ckpt out/shapes/best.pt                      # every eval split of its dataset
+    python evaluate.py --ckpt TransVG_unc.pth --dataset refcoco --tokenizer /path/to/bert-base-uncased
+    python evaluate.py --ckpt out/shapes/best.pt --vis 8 --worst      # PNGs of the 8 worst predictions
+    python evaluate.py --ckpt out/shapes/best.pt --image photo.jpg --text "the man on the left"
+    torchrun --nproc_per_node=8 evaluate.py --ckpt ...                # same numbers, exact counts
+
+Metric (paper sec. 4.1, TransVG's eval): a prediction is correct when its IoU with the ground truth is >= 0.5.
+IoU is computed in original-image pixels: the predicted canvas box is clamped to the canvas (as TransVG does)
+and mapped back through the eval resize and pad; the ground truth is the annotation itself.
+We also report Acc@0.75 and the mean IoU.
+
+Layers (house rule R16): hit_counts/summarise are pure; evaluate(model, dataset) shards the split over ranks
+without padding and all-reduces the counts, so the numbers are exact for any world size; main() is the CLI.
+This file also holds the two pieces of runtime that train.py shares (it imports this file): the dataclass
+command line (parse_config) and the device/process-group setup (setup_device).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from torchvision.io import write_png
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_bounding_boxes
+
+import data
+from losses import paired_iou_xyxy
+from model import GroundingModel, read_checkpoint
+
+# -----------------------------------------------------------------------------
+# command line from dataclasses (shared with train.py)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing '# comment' of each dataclass field, used as its --help text."""
+    found = (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
+    return {m[1]: m[2] for m in found if m}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv: list[str] | None, types: list[type], presets: dict[str, dict] | None = None,
+                 description: str = "") -> list:
+    """Build one instance of each dataclass in types from argv: --key value or --key=value for every field,
+    converted by the field's type (--epochs=1e4 is an error, --lr=1 is 1.0), unknown keys refused.
+    presets: {dataset name: {field: value}} applied between the dataclass defaults and the command line."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    owner = {}
+    for cls in types:
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            owner[f.name] = cls
+            kind = {bool: _parse_bool, int: int, float: float, str: str}.get(f.type, json.loads)  # dict fields: JSON
+            extra = {"nargs": "?", "const": True} if f.type is bool else {}
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.name.upper(),
+                                help=f"{comments.get(f.name, '')} (default: %(default)s)", **extra)
+    argv = sys.argv[1:] if argv is None else argv
+    if presets:
+        known, _ = parser.parse_known_args(argv)
+        preset = presets.get(getattr(known, "dataset", ""), {})
+        parser.set_defaults(**preset)
+    args = vars(parser.parse_args(argv))
+    return [cls(**{k: v for k, v in args.items() if owner[k] is cls}) for cls in types]
+
+
+# -----------------------------------------------------------------------------
+# devices and processes (shared with train.py)
+
+
+@dataclass(frozen=True)
+class DeviceEnv:
+    device: torch.device
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_device(device: str = "auto") -> DeviceEnv:
+    """Pick the device (cuda > mps > cpu unless told) and, under torchrun, join the process group:
+    NCCL on CUDA, gloo on CPU (so a 2-process CPU run works on a laptop)."""
+    ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # set by torchrun
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DeviceEnv(dev, ddp, rank, local_rank, world)
+
+
+def print0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere (house rule R6: CPU and MPS run in fp32)."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# metrics (pure)
+
+
+def hit_counts(iou: torch.Tensor) -> torch.Tensor:
+    """(N,) IoUs -> float64 [N, hits at IoU >= 0.5, hits at IoU >= 0.75, sum of IoU]: sums, so they add across ranks."""
+    iou = iou.double()
+    return torch.stack([torch.tensor(float(iou.numel()), dtype=torch.float64), (iou >= 0.5).sum(),
+                        (iou >= 0.75).sum(), iou.sum()])
+
+
+def summarise(counts: torch.Tensor) -> dict[str, float]:
+    n = max(counts[0].item(), 1.0)
+    return {"acc@0.5": 100 * counts[1].item() / n, "acc@0.75": 100 * counts[2].item() / n,
+            "miou": counts[3].item() / n, "n": int(counts[0].item())}
+
+
+def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, pad_offset: torch.Tensor
+                   ) -> torch.Tensor:
+    """(B,4) normalised canvas boxes -> (B,4) xyxy original pixels, clamped to the canvas like TransVG's eval."""
+    boxes = data.canvas_to_original_xyxy(pred_cxcywh.float(), imsize, scale, pad_offset)
+    low = (-pad_offset / scale).repeat(1, 2)  # the canvas corners, in original pixels
+    high = ((imsize - pad_offset) / scale).repeat(1, 2)
+    return torch.max(torch.min(boxes, high), low)
+
+
+# -----------------------------------------------------------------------------
+# evaluation loop
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 32,
+             num_workers: int = 0, keep_records: bool = False) -> tuple[dict[str, float], list]:
+    """Accuracy of model on dataset. Each rank takes indices rank, rank + W, ... (no padding, unlike
+    DistributedSampler), and the hit counts are all-reduced, so the result is exact for any world size.
+    Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample."""
+    ddp = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    # its own generator: otherwise the loader draws a seed from the global RNG and shifts training's dropout stream
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    raw = getattr(model, "module", model)  # under DDP, the wrapped model holds the config
+    imsize = getattr(raw, "_orig_mod", raw).cfg.imsize
+    was_training = model.training
+    model.eval()
+    counts, records = torch.zeros(4, dtype=torch.float64), []
+    for batch in loader:
+        with autocast_for(device):
+            out = model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
+                        batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        pred = predicted_xyxy(out["pred_boxes"].float().cpu(), imsize, batch["scale"], batch["pad_offset"])
+        iou = paired_iou_xyxy(pred, batch["gt_xyxy"])
+        counts += hit_counts(iou)
+        if keep_records:
+            records += [(int(i), float(v), p.tolist()) for i, v, p in zip(batch["index"], iou, pred)]
+    model.train(was_training)
+    if ddp:
+        # gloo reduces CPU tensors; NCCL needs them on the GPU
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+        if keep_records:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, records)
+            records = sorted(r for part in gathered for r in part)
+    return summarise(counts), records
+
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def draw_prediction(image: torch.Tensor, gt_xyxy: list[float] | None, pred_xyxy: list[float], caption: str
+                    ) -> torch.Tensor:
+    """uint8 (3,H,W) -> uint8 picture like the paper's Fig. 4: ground truth in green, prediction in yellow, the
+    expression in a bar underneath. Small images are enlarged (long side 480) so that the text stays readable."""
+    H, W = image.shape[1:]
+    k = max(1.0, 480 / max(H, W))
+    image = TF.resize(image, [round(H * k), round(W * k)], antialias=True)
+    h, w = image.shape[1:]
+    picture = torch.cat([image, torch.zeros(3, 24, w, dtype=torch.uint8)], dim=1)  # (3,h+24,w): the caption bar
+    boxes, colors, labels = [[v * k for v in pred_xyxy]], ["yellow"], ["prediction"]
+    if gt_xyxy is not None:
+        boxes, colors, labels = [[v * k for v in gt_xyxy], *boxes], ["lime", *colors], ["ground truth", *labels]
+    boxes.append([1, h + 1, w - 1, h + 23])  # a frame around the bar, to carry the caption as its label
+    return draw_bounding_boxes(picture, torch.tensor(boxes, dtype=torch.float32), labels=[*labels, caption],
+                               colors=[*colors, "white"], width=max(2, round(max(h, w) / 200)))
+
+
+def save_pictures(dataset, records: list, out_dir: str, n: int, worst: bool, prefix: str) -> list[str]:
+    """PNGs of n predictions: the first n samples, or the n with the lowest IoU."""
+    os.makedirs(out_dir, exist_ok=True)
+    chosen = sorted(records, key=lambda r: r[1])[:n] if worst else records[:n]
+    paths = []
+    for index, iou, pred in chosen:
+        sample = dataset[index]
+        picture = draw_prediction(dataset.original_image(index), sample["gt_xyxy"].tolist(), pred,
+                                  f"IoU {iou:.2f}: {sample['text']}")
+        paths.append(os.path.join(out_dir, f"{prefix}_{index:06d}.png"))
+        write_png(picture, paths[-1])
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = ""  # our checkpoint (train.py) or an official TransVG one (e.g. TransVG_unc.pth)
+    dataset: str = ""  # default: the dataset the checkpoint was trained on
+    split: str = ""  # default: every evaluation split of the dataset
+    split_root: str = ""  # default: the checkpoint's, else data
+    data_root: str = ""  # default: the checkpoint's, else ln_data
+    tokenizer: str = ""  # BERT tokenizer name or directory; default: the model's text_encoder
+    batch_size: int = 32  # images per device
+    num_workers: int = 2  # data loader processes
+    device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+    json: str = ""  # also write the numbers to this file
+    vis: int = 0  # save this many pictures per split (green = ground truth, yellow = prediction)
+    worst: bool = False  # pictures of the lowest-IoU predictions instead of the first ones
+    out_dir: str = ""  # where pictures go; default: <checkpoint folder>/vis
+    image: str = ""  # predict on this image instead of a dataset (needs --text)
+    text: str = ""  # the referring expression for --image
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    print0(f"{'split':<10} {'n':>7} {'Acc@0.5':>8} {'Acc@0.75':>9} {'mIoU':>7}")
+    for split, m in results.items():
+        print0(f"{split:<10} {m['n']:>7} {m['acc@0.5']:>8.2f} {m['acc@0.75']:>9.2f} {m['miou']:>7.3f}")
+
+
+def dataset_for(name: str, split: str, tokenizer, model_cfg, train_cfg: dict, split_root: str = "",
+                data_root: str = "", train: bool = False) -> torch.utils.data.Dataset:
+    """The dataset a model with model_cfg reads, with the run's (train_cfg's) folders and, for shapes, its world
+    settings; eval transform unless train."""
+    size = train_cfg.get("shapes_train_size" if split == "train" else "shapes_eval_size") or None
+    return data.make_dataset(name, split, tokenizer, train=train, imsize=model_cfg.imsize,
+                             max_query_len=model_cfg.max_query_len,
+                             split_root=split_root or train_cfg.get("split_root", "data"),
+                             data_root=data_root or train_cfg.get("data_root", "ln_data"),
+                             image_size=train_cfg.get("shapes_image_size", 128), size=size)
+
+
+@torch.no_grad()
+def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device: torch.device, out_dir: str
+                  ) -> dict:
+    """Box (x1, y1, x2, y2) in the image's pixels for one expression, and a PNG of it."""
+    if not text.strip():
+        raise ValueError("--text is empty: give the referring expression, e.g. --text 'the man on the left'")
+    image = data.read_image(path)
+    H, W = image.shape[1:]
+    # no ground truth here: the whole image stands in for the box the transform carries along
+    sample = data.transform_sample(image, torch.tensor([0.0, 0.0, W, H]), text.lower(), train=False,
+                                   imsize=model.cfg.imsize)
+    ids, mask = data.tokenize(data.make_encoder(tokenizer, model.cfg.max_query_len), sample["text"])
+    batch = data.collate([{**sample, "input_ids": ids, "attention_mask": mask}])
+    with autocast_for(device):
+        out = model(batch["image"].to(device), batch["img_is_pad"].to(device), batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device))
+    box = predicted_xyxy(out["pred_boxes"].float().cpu(), model.cfg.imsize, batch["scale"], batch["pad_offset"])[0]
+    box = torch.max(torch.min(box, torch.tensor([W, H, W, H])), torch.zeros(4))  # inside the image
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_prediction.png")
+    write_png(draw_prediction(image, None, box.tolist(), text), png)
+    print(f"{text!r} in {path} ({W}x{H}): box x1={box[0]:.1f} y1={box[1]:.1f} x2={box[2]:.1f} y2={box[3]:.1f} "
+          f"(pixels); picture {png}")
+    return {"box_xyxy": box.tolist(), "picture": png}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, = parse_config(argv, [EvalConfig], description=__doc__)
+    if not cfg.ckpt:
+        raise SystemExit("evaluate.py: give --ckpt, a checkpoint of train.py or an official TransVG one")
+    env = setup_device(cfg.device)
+    try:
+        ckpt = read_checkpoint(cfg.ckpt)
+        model = GroundingModel.from_checkpoint(cfg.ckpt, env.device, ckpt=ckpt)
+        train_cfg = ckpt.get("train_config") or {}
+        tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
+        out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "vis")
+        if cfg.image:
+            return predict_image(model, tokenizer, cfg.image, cfg.text, env.device, out_dir)
+        # TransVG checkpoints name their dataset by its split folder (unc, gref_umd, ...)
+        folders = {info.folder: name for name, info in data.DATASETS.items() if info.folder}
+        name = cfg.dataset or train_cfg.get("dataset") or folders.get((ckpt.get("args") or {}).get("dataset"))
+        if name not in data.DATASETS:
+            raise SystemExit(f"evaluate.py: which dataset? pass --dataset ({', '.join(data.DATASETS)})")
+        results = {}
+        for split in [cfg.split] if cfg.split else data.DATASETS[name].eval_splits:
+            dataset = dataset_for(name, split, tokenizer, model.cfg, train_cfg, cfg.split_root, cfg.data_root)
+            results[split], records = evaluate(model, dataset, env.device, cfg.batch_size, cfg.num_workers,
+                                               keep_records=cfg.vis > 0)
+            if cfg.vis and env.is_master:
+                paths = save_pictures(dataset, records, out_dir, cfg.vis, cfg.worst, f"{name}_{split}")
+                print0(f"{split}: {len(paths)} pictures in {out_dir}")
+        print0(f"{name}, {cfg.ckpt}")
+        print_table(results)
+        if cfg.json and env.is_master:
+            with open(cfg.json, "w") as f:
+                json.dump({"ckpt": cfg.ckpt, "dataset": name, "results": results}, f, indent=1)
+        return results
+    finally:
+        if env.ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""evaluate.py: metrics on hand-made boxes, the canvas -> original-pixel mapping, the CLI (table, JSON, pictures,
+single-image prediction).
+
+Run: python -m pytest -q tests/test_evaluate.py
+"""
+import json
+
+import pytest
+import torch
+from torchvision.io import decode_png, read_file, write_png
+
+import data
+import evaluate
+import train
+from losses import paired_iou_xyxy
+
+
+def test_iou_of_exactly_one_half_counts_as_correct():
+    pred = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 4.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    gt = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 3.0, 1.0], [2.0, 2.0, 3.0, 3.0]])
+    iou = paired_iou_xyxy(pred, gt)
+    assert iou.tolist() == [0.5, 0.75, 0.0]  # exactly representable: the >= boundaries are really tested
+    m = evaluate.summarise(evaluate.hit_counts(iou))
+    assert m["n"] == 3 and m["acc@0.5"] == pytest.approx(200 / 3) and m["acc@0.75"] == pytest.approx(100 / 3)
+    assert m["miou"] == pytest.approx(1.25 / 3)
+    # counts add across ranks: two halves summed give the whole
+    halves = evaluate.hit_counts(iou[:1]) + evaluate.hit_counts(iou[1:])
+    assert evaluate.summarise(halves) == m
+
+
+def test_canvas_boxes_map_back_to_original_pixels(tmp_path):
+    data.write_shapes_vocab(str(tmp_path / "v"))
+    tok = data.load_tokenizer(str(tmp_path / "v"))
+    world = data.make_dataset("shapes", "val", tok, train=False, imsize=64, max_query_len=16, image_size=96)
+    batch = data.collate([world[i] for i in range(6)])
+    back = evaluate.predicted_xyxy(batch["target"], 64, batch["scale"], batch["pad_offset"])
+    assert torch.allclose(back, batch["gt_xyxy"], atol=1e-3)
+    # a prediction covering the whole canvas is clamped to the canvas, i.e. to the image plus its padding
+    whole = evaluate.predicted_xyxy(torch.tensor([[0.5, 0.5, 1.5, 1.5]] * 6), 64, batch["scale"], batch["pad_offset"])
+    canvas = evaluate.predicted_xyxy(torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 6), 64, batch["scale"], batch["pad_offset"])
+    assert torch.allclose(whole, canvas)
+    h, w = batch["orig_size"].T.float()
+    assert (canvas[:, 0] <= 0).all() and (canvas[:, 2] >= w - 1e-3).all() and (canvas[:, 3] >= h - 1e-3).all()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_train_flags):
+    out = tmp_path_factory.mktemp("run")
+    train.main(tiny_train_flags(out, "--epochs=1", "--final_eval=false"))
+    return out / "last.pt"
+
+
+def test_cli_prints_every_split_and_writes_json(checkpoint, tmp_path, capsys):
+    results = evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", "--num_workers=0",
+                             f"--json={tmp_path / 'r.json'}"])
+    assert set(results) == {"val", "test"} and all(r["n"] == 9 for r in results.values())
+    out = capsys.readouterr().out
+    assert "Acc@0.5" in out and "test" in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["dataset"] == "shapes" and saved["results"]["val"]["acc@0.5"] == results["val"]["acc@0.5"]
+
+
+def test_vis_writes_valid_pngs_of_the_worst_predictions(checkpoint, tmp_path):
+    evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", "--num_workers=0", "--split=val", "--vis=3", "--worst",
+                   f"--out_dir={tmp_path}"])
+    pngs = sorted(tmp_path.glob("shapes_val_*.png"))
+    assert len(pngs) == 3
+    for p in pngs:
+        img = decode_png(read_file(str(p)))
+        assert img.shape[0] == 3 and img.shape[1] >= 40 and img.dtype == torch.uint8
+
+
+def test_single_image_prediction(checkpoint, tmp_path):
+    tok = data.load_tokenizer(str(checkpoint.parent / "vocab"))
+    world = data.make_dataset("shapes", "test", tok, train=False, imsize=64, max_query_len=16, image_size=64)
+    image = world.original_image(0)
+    write_png(image, str(tmp_path / "photo.png"))
+    out = evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'photo.png'}",
+                         "--text=the red circle on the left", f"--out_dir={tmp_path}"])
+    x1, y1, x2, y2 = out["box_xyxy"]
+    H, W = image.shape[1:]
+    assert 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H
+    picture = decode_png(read_file(out["picture"]))  # enlarged to a 480 long side, plus the caption bar
+    assert picture.shape[0] == 3 and max(picture.shape[1:]) >= 480
+    with pytest.raises(ValueError, match="empty"):
+        evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'photo.png'}", "--text=  "])
+    with pytest.raises(FileNotFoundError, match="nothing.png"):
+        evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'nothing.png'}", "--text=a"])
+
+
+def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="--ckpt"):
+        evaluate.main([])
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        evaluate.main([f"--ckpt={tmp_path / 'nope.pt'}", "--device=cpu"])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither our checkpoint"):
+        evaluate.main([f"--ckpt={tmp_path / 'other.pt'}", "--device=cpu"])

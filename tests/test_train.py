@@ -1,0 +1,164 @@
+"""train.py: command line, schedule, resume, overfitting, non-finite losses, and a 2-process DDP run.
+
+Run: python -m pytest -q tests/test_train.py       (the DDP test launches torchrun with 2 CPU processes)
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import train
+from model import GroundingModel, read_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# command line and schedule
+
+
+def test_flags_take_both_forms_convert_types_and_apply_presets():
+    cfg, mcfg = evaluate.parse_config(["--dataset", "refcoco+", "--lr=1", "--teacher_trainable", "--backbone",
+                                       "resnet101", "--augment=false"], [train.TrainConfig, train.ModelConfig],
+                                      train.PRESETS)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.teacher_trainable and not cfg.augment
+    assert (cfg.epochs, cfg.lr_drop, mcfg.backbone, mcfg.visual_init) == (180, 120, "resnet101", "detr")
+    cfg, mcfg = evaluate.parse_config(["--dataset=refcocog", "--max_query_len=30"],
+                                      [train.TrainConfig, train.ModelConfig], train.PRESETS)
+    assert (cfg.epochs, mcfg.max_query_len) == (90, 30)  # the flag beats the preset's 40
+
+
+@pytest.mark.parametrize("argv,message", [(["--epochs=1e4"], "invalid int"), (["--lr", "fast"], "invalid float"),
+                                          (["--no_such_key=1"], "unrecognized"), (["--augment=maybe"], "true/false")])
+def test_bad_flags_are_refused_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_config(argv, [train.TrainConfig, train.ModelConfig], train.PRESETS)
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_comment(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    import dataclasses
+    for cls in (train.TrainConfig, train.ModelConfig):
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name}" in out, f.name
+    assert "ResNet and DETR encoder" in out  # a trailing comment became help text
+
+
+def test_lr_is_a_pure_function_of_the_step():
+    cfg = train.TrainConfig(lr_drop=2, warmup_steps=4)
+    factors = [train.lr_factor(s, steps_per_epoch=5, cfg=cfg) for s in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4:10] == [1.0] * 6 and factors[10:] == [0.1, 0.1]
+
+
+def test_epoch_indices_split_each_global_batch_over_ranks():
+    both = [train.epoch_indices(10, epoch=3, seed=1, rank=r, world=2, batch_size=4) for r in range(2)]
+    single = train.epoch_indices(10, epoch=3, seed=1, rank=0, world=1, batch_size=4)
+    assert len(single) == 8 and torch.equal(torch.cat([both[0][:2], both[1][:2], both[0][2:], both[1][2:]]), single)
+    assert not torch.equal(single, train.epoch_indices(10, epoch=4, seed=1, rank=0, world=1, batch_size=4))
+
+
+# -----------------------------------------------------------------------------
+# runs
+
+
+def test_run_writes_plain_checkpoints_logs_and_config(tmp_path, tiny_train_flags, tiny_clip_dir):
+    out = train.main(tiny_train_flags(tmp_path, "--epochs=2", "--distill=cos", f"--teacher={tiny_clip_dir}"))
+    assert out["step"] == 6 and 0 <= out["val_acc@0.5"] <= 100 and out["test_n"] == 9
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)  # plain data only
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 2 and ckpt["format_version"] == 1
+    assert ckpt["teacher"]["name"] == tiny_clip_dir and len(ckpt["teacher"]["sha256"]) == 64
+    assert not any("clip" in k or "teacher" in k for k in ckpt["model"])  # the teacher is stored by name only
+    assert (tmp_path / "best.pt").exists() and json.loads((tmp_path / "config.json").read_text())["grad_accum"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert {"train_loss_box", "train_loss_giou", "train_distill_img", "train_distill_txt", "val_acc@0.5"} <= set(lines[0])
+    model = GroundingModel.from_checkpoint(str(tmp_path / "last.pt"))
+    assert model.cfg.imsize == 64 and not model.training
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_train_flags, tiny_clip_dir):
+    # 24 samples / batch 8 = 3 steps per epoch: stop mid-epoch (step 2), resume to step 5 (mid-epoch 2)
+    flags = ["--epochs=2", "--lr_drop=1", "--distill=cos", f"--teacher={tiny_clip_dir}", "--final_eval=false"]
+    train.main(tiny_train_flags(tmp_path / "full", *flags, "--max_steps=5"))
+    train.main(tiny_train_flags(tmp_path / "cut", *flags, "--max_steps=2"))
+    assert read_checkpoint(str(tmp_path / "cut" / "last.pt"))["step"] == 2
+    out = train.main(tiny_train_flags(tmp_path / "cut", *flags, "--max_steps=5",
+                                      f"--resume={tmp_path / 'cut' / 'last.pt'}"))
+    assert out["step"] == 5
+    full, cut = (read_checkpoint(str(tmp_path / d / "last.pt")) for d in ("full", "cut"))
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+    lrs = [g["lr"] for g in cut["optimizer"]["param_groups"]]
+    assert lrs == [g["lr"] for g in full["optimizer"]["param_groups"]] and lrs[0] == pytest.approx(2e-5)
+
+
+def test_overfitting_one_batch_drives_the_loss_down(tiny_config, tmp_path):
+    # the step train.py takes (its parameter groups, AdamW, eq. 8 loss) on one fixed batch of 8, 150 times
+    import data
+    from losses import total_loss
+    tokenizer = data.load_tokenizer(os.path.dirname(data.write_shapes_vocab(str(tmp_path / "vocab"))))
+    world = data.make_dataset("shapes", "val", tokenizer, train=False, imsize=64, max_query_len=16, image_size=64)
+    batch = data.collate([world[i] for i in range(8)])
+    cfg = train.TrainConfig(lr=3e-3, lr_visual=3e-3, lr_text=3e-3)
+    torch.manual_seed(0)
+    model = GroundingModel(tiny_config(max_query_len=16, dropout=0.0,
+                                       text_config={**tiny_config().text_config, "vocab_size": len(tokenizer)}))
+    optimizer = torch.optim.AdamW(train.param_groups(model, None, cfg), weight_decay=cfg.weight_decay)
+    losses = []
+    for _ in range(150):
+        out = model(batch["image"], batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
+        loss, _ = total_loss(out["pred_boxes"], batch["target"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, losses[::15]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_train_flags, monkeypatch):
+    train.main(tiny_train_flags(tmp_path, "--max_steps=2", "--final_eval=false"))
+    before = digest(tmp_path / "last.pt")
+    real = train.total_loss
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        terms["loss_giou"] = terms["loss_giou"] * float("nan")
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(train, "total_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 .*loss_giou.*nan"):
+        train.main(tiny_train_flags(tmp_path, "--max_steps=4", f"--resume={tmp_path / 'last.pt'}"))
+    assert digest(tmp_path / "last.pt") == before
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_matches_across_ranks_and_counts_exactly(tmp_path, tiny_train_flags):
+    flags = tiny_train_flags(tmp_path, "--epochs=1", "--batch_size=8", "--micro_batch=2", "--shapes_eval_size=9")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "tests", "ddp_worker.py"), *flags],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # DDP kept the replicas identical
+    assert "grad_accum\": 2" in (tmp_path / "config.json").read_text()  # 8 = 2 per rank x 2 ranks x 2 steps
+    # evaluation over 2 ranks on a 9-sample split counts every sample once: same as one process
+    single = evaluate.main([f"--ckpt={tmp_path / 'last.pt'}", "--split=val", "--device=cpu", "--num_workers=0"])
+    for r in ranks:
+        assert r["metrics"]["val_n"] == single["val"]["n"] == 9
+        for k in ("acc@0.5", "acc@0.75"):
+            assert r["metrics"][f"val_{k}"] == single["val"][k]
+        assert r["metrics"]["val_miou"] == pytest.approx(single["val"]["miou"], abs=1e-6)

@@ -38,20 +38,28 @@ Choices the paper leaves open, and ours
     mode even then: released CLIPs have no dropout (attention_dropout=0) and no batch norm, so train
     mode would change nothing there, and for a config with dropout eval keeps the targets noise-free.
   - Text cache (opt-in, frozen only): exact string keys, LRU with a fixed number of entries.
-This file imports nothing from the project.
+
+The synthetic world has no CLIP, so `python clip_teacher.py` trains a small one on it with CLIP's own
+objective (symmetric cross-entropy over image-text similarities) and saves it like a hub model; train.py
+does this when the toy teacher is missing. Only that script entry reads the project's data.py; the teacher
+itself imports nothing from the project.
 """
 
 import hashlib
 import html
+import json
+import math
+import time
 from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
 import ftfy
 import torch
 import torch.nn.functional as F
-from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -275,3 +283,121 @@ def save_word_tokenizer(directory: str | Path, words: list[str] = ()) -> CLIPTok
     tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# a toy teacher for the synthetic world (python clip_teacher.py)
+
+
+@dataclass
+class ToyCLIPConfig:
+    out_dir: str = "out/shapes_clip"  # where the CLIP is saved (config, weights, tokenizer, metrics.json)
+    steps: int = 400  # contrastive training steps
+    batch_size: int = 64  # image-text pairs per step (the negatives of each pair)
+    lr: float = 1e-3  # AdamW, cosine decay to 0
+    image_size: int = 64  # CLIP's input: the student's canvas is resized to this
+    width: int = 128  # width of both towers
+    layers: int = 2  # transformer layers in each tower
+    embed_dim: int = 256  # projected embedding: pools to the toy student's width 128 by pairs, as 512 -> 256 does
+    imsize: int = 128  # the student's canvas side, which the teacher sees
+    shapes_image_size: int = 128  # long side of the world's images
+    eval_size: int = 512  # held-out val pairs for the retrieval accuracy
+    seed: int = 0  # initialisation and data order
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's objective: (B,E), (B,E) -> symmetric cross-entropy of the B x B cosine similarities (pair i is i)."""
+    logits = logit_scale.exp() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T  # (B,B)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def retrieval_accuracy(teacher: "CLIPTeacher", loader) -> float:
+    """Image -> text top-1 accuracy within each batch (%): a hit when the best-scoring expression is the image's
+    own (or the same words: the world repeats short expressions like "the red circle")."""
+    hits = total = 0
+    for batch in loader:
+        sims = teacher.encode_image(batch["image"]) @ F.normalize(teacher.encode_text(batch["text"]), dim=-1).T
+        best = sims.argmax(dim=1).tolist()
+        hits += sum(batch["text"][j] == t for j, t in zip(best, batch["text"]))
+        total += len(best)
+    return 100 * hits / total
+
+
+def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) -> dict:
+    """Train a small CLIPModel on (canvas, expression) pairs of the synthetic world; save it to cfg.out_dir.
+
+    It goes through CLIPTeacher's own preprocessing and tokenizer, so it is trained on exactly what it will see
+    as a teacher: the student's augmented canvas, resized to image_size, and the post-flip expression."""
+    from torch.utils.data import DataLoader
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    tokenizer = save_word_tokenizer(cfg.out_dir, words)
+    tower = {"hidden_size": cfg.width, "intermediate_size": 2 * cfg.width, "num_hidden_layers": cfg.layers,
+             "num_attention_heads": 4}
+    config = CLIPConfig(projection_dim=cfg.embed_dim,
+                        text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 32,
+                                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                     "pad_token_id": tokenizer.pad_token_id, **tower},
+                        vision_config={"image_size": cfg.image_size, "patch_size": 8, **tower})
+    CLIPModel(config).save_pretrained(cfg.out_dir)
+    teacher = CLIPTeacher(cfg.out_dir, device="cpu", trainable=True)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.1)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed),
+                        collate_fn=lambda b: {"image": torch.stack([s["image"] for s in b]), "text": [s["text"] for s in b]})
+    model, step, losses = teacher.model, 0, []
+    while step < cfg.steps:
+        for batch in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            image = model.get_image_features(pixel_values=teacher.preprocess(batch["image"])).pooler_output
+            text = model.get_text_features(**teacher.tokenize(batch["text"])).pooler_output
+            loss = contrastive_loss(image, text, model.logit_scale)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if step % 50 == 0 or step == cfg.steps:
+                print(f"toy CLIP step {step}/{cfg.steps}: contrastive loss {sum(losses[-50:]) / len(losses[-50:]):.3f}",
+                      flush=True)
+            if step == cfg.steps:
+                break
+    model.save_pretrained(cfg.out_dir)
+    frozen = CLIPTeacher(cfg.out_dir, device="cpu")
+    eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=loader.collate_fn)
+    metrics = {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]),
+               "val_image_to_text_top1": retrieval_accuracy(frozen, eval_loader),
+               "chance_top1": 100 / cfg.batch_size, "seconds": time.time() - t0, "config": asdict(cfg)}
+    with open(Path(cfg.out_dir) / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"toy CLIP teacher saved to {cfg.out_dir} in {metrics['seconds']:.0f} s: contrastive loss "
+          f"{metrics['first_loss']:.2f} -> {metrics['last_loss']:.2f}; held-out image->text top-1 among "
+          f"{cfg.batch_size}: {metrics['val_image_to_text_top1']:.1f}% (chance {metrics['chance_top1']:.1f}%)")
+    return metrics
+
+
+def build_toy_teacher(cfg: ToyCLIPConfig) -> dict:
+    """The synthetic world's train/val splits as the student sees them, then train_toy_clip."""
+    import data  # the one import from the project: the world the toy teacher learns
+
+    vocab_dir = Path(cfg.out_dir) / "bert_vocab"  # the world's words, for its (unused) BERT tokens
+    tokenizer = data.load_tokenizer(str(Path(data.write_shapes_vocab(str(vocab_dir))).parent))
+    words = [w for w in tokenizer.vocab if not w.startswith("[")]
+    kw = {"imsize": cfg.imsize, "max_query_len": 16, "image_size": cfg.shapes_image_size}
+    train_set = data.make_dataset("shapes", "train", tokenizer, train=True, **kw)
+    eval_set = data.make_dataset("shapes", "val", tokenizer, train=False, size=cfg.eval_size, **kw)
+    return train_toy_clip(cfg, train_set, eval_set, words)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from evaluate import parse_config  # the project's dataclass command line
+
+    cfg, = parse_config(argv, [ToyCLIPConfig], description="Train the synthetic world's toy CLIP teacher.")
+    return build_toy_teacher(cfg)
+
+
+if __name__ == "__main__":
+    main()

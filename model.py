@@ -41,6 +41,7 @@ from transformers import BertConfig, BertModel
 class ModelConfig:
     backbone: str = "resnet50"  # torchvision resnet18/34/50/101; the paper uses 50 and 101
     dilation: bool = False  # dilate layer4 (stride 16 instead of 32): 4x the visual tokens
+    trainable_bn: bool = False  # False: TransVG's frozen BN, stem and layer1 (pretrained weights); True: all train
     imsize: int = 640  # side of the square padded canvas the model is built for
     hidden_dim: int = 256  # D: width of the DETR encoder and of the fusion transformer
     nheads: int = 8  # attention heads in both transformers
@@ -123,8 +124,11 @@ class Encoder(nn.Module):
         return x  # post-norm layers: no final LayerNorm
 
 
-def build_resnet(name: str, dilation: bool, init: str) -> nn.Module:
-    """A torchvision ResNet with frozen BN, no fc/avgpool, stem and layer1 frozen (DETR's BackboneBase)."""
+def build_resnet(name: str, dilation: bool, init: str, trainable_bn: bool = False) -> nn.Module:
+    """A torchvision ResNet without fc/avgpool. As in DETR's BackboneBase, BN is frozen and so are the stem and
+    layer1: right for pretrained weights. trainable_bn keeps ordinary BatchNorm and trains every layer instead,
+    for a backbone learned from scratch (random frozen BN statistics leave activations unnormalised and the
+    training slow and unstable; the synthetic world's preset uses it)."""
     if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
         raise ValueError(f"backbone must be resnet18/34/50/101, got {name!r}")
     if dilation and name in ("resnet18", "resnet34"):
@@ -132,13 +136,14 @@ def build_resnet(name: str, dilation: bool, init: str) -> nn.Module:
     kwargs = {"replace_stride_with_dilation": [False, False, True]} if dilation else {}
     weights = "IMAGENET1K_V1" if init == "imagenet" else None
     try:
-        net = getattr(torchvision.models, name)(weights=weights, norm_layer=FrozenBatchNorm2d, **kwargs)
+        norm = nn.BatchNorm2d if trainable_bn else FrozenBatchNorm2d
+        net = getattr(torchvision.models, name)(weights=weights, norm_layer=norm, **kwargs)
     except (OSError, RuntimeError) as e:  # urllib errors are OSErrors
         raise RuntimeError(f"could not get torchvision's ImageNet weights for {name} ({e}); offline, pass "
                            f"visual_init=<path to a DETR checkpoint or a torchvision {name} state dict>") from e
     del net.fc, net.avgpool
     for pname, p in net.named_parameters():
-        if not pname.startswith(("layer2", "layer3", "layer4")):
+        if not trainable_bn and not pname.startswith(("layer2", "layer3", "layer4")):
             p.requires_grad_(False)  # conv1 and layer1 stay at their pre-trained values
     return net
 
@@ -174,7 +179,8 @@ class GroundingModel(nn.Module):
             raise ValueError(f"imsize {cfg.imsize} must be a multiple of the backbone stride {self.stride}")
         self.num_visual = (cfg.imsize // self.stride) ** 2  # N: 400 for a 640 canvas
         # visual branch: ResNet -> 1x1 conv -> DETR encoder (names as in DETR so its checkpoints map 1:1)
-        self.backbone = build_resnet(cfg.backbone, cfg.dilation, "imagenet" if cfg.visual_init == "imagenet" else "")
+        self.backbone = build_resnet(cfg.backbone, cfg.dilation, "imagenet" if cfg.visual_init == "imagenet" else "",
+                                     cfg.trainable_bn)
         self.cnn_channels = self.backbone.layer4[-1].conv1.in_channels  # C: 2048 (bottleneck) or 512 (basic)
         self.input_proj = nn.Conv2d(self.cnn_channels, D, kernel_size=1)
         self.visual_encoder = Encoder(cfg.enc_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
@@ -305,7 +311,8 @@ def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[s
         new = next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), None)
         (ignored.append(k) if new is None or k.endswith("num_batches_tracked") or new.startswith("backbone.fc.")
          else mapped.__setitem__(new, v))
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(expected)}
+    own = {k: v for k, v in model.state_dict().items()
+           if k.startswith(expected) and not k.endswith("num_batches_tracked")}  # BatchNorm's counter (trainable_bn)
     missing = sorted(set(own) - set(mapped))
     unexpected = sorted(set(mapped) - set(own))
     wrong = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
-from clip_teacher import CLIPTeacher
+from clip_teacher import CLIPTeacher, ToyCLIPConfig, build_toy_teacher
 from evaluate import DeviceEnv, autocast_for, dataset_for, evaluate, parse_config, print0, print_table, setup_device
 from losses import distill_loss, total_loss
 from model import GroundingModel, ModelConfig, read_checkpoint
@@ -73,6 +73,7 @@ class TrainConfig:
     beta: float = 2.0  # weight of the text term
     teacher: str = "openai/clip-vit-base-patch16"  # CLIP hub name or local directory
     teacher_trainable: bool = False  # Table 5 "unfrozen": CLIP trains at lr_visual with the distillation grads
+    toy_teacher_steps: int = 400  # shapes: training steps of the toy CLIP that is built when --teacher is missing
     checkpoint_dir: str = "checkpoints"  # where visual_init=detr finds TransVG's detr-r50-unc.pth etc.
     out_dir: str = ""  # default out/<dataset>
     resume: str = ""  # a last.pt to continue from
@@ -204,8 +205,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def resolve(cfg: TrainConfig, mcfg: ModelConfig) -> tuple[TrainConfig, ModelConfig]:
     """Fill what the flags leave implicit: the output folder and the DETR checkpoint path."""
     cfg = replace(cfg, out_dir=cfg.out_dir or os.path.join("out", cfg.dataset))
-    if cfg.dataset == "shapes" and not os.path.exists(mcfg.text_encoder):
-        print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
     if mcfg.visual_init == "detr":
         path = os.path.join(cfg.checkpoint_dir,
                             f"detr-{'r101' if mcfg.backbone == 'resnet101' else 'r50'}-{DETR_FAMILY[cfg.dataset]}.pth")
@@ -218,6 +217,20 @@ def resolve(cfg: TrainConfig, mcfg: ModelConfig) -> tuple[TrainConfig, ModelConf
     return cfg, mcfg
 
 
+def prepare_world(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> None:
+    """The synthetic world needs no download, but its BERT vocabulary and its toy CLIP teacher are made here, once,
+    by rank 0, and reused by later runs."""
+    if env.is_master and not os.path.exists(mcfg.text_encoder):
+        print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
+    if env.is_master and cfg.distill != "none" and not os.path.exists(cfg.teacher):
+        print0(f"no CLIP teacher at {cfg.teacher}: training the synthetic world's toy CLIP first "
+               f"(python clip_teacher.py does the same)")
+        build_toy_teacher(ToyCLIPConfig(out_dir=cfg.teacher, steps=cfg.toy_teacher_steps, imsize=mcfg.imsize,
+                                        shapes_image_size=cfg.shapes_image_size))
+    if env.ddp:
+        dist.barrier()
+
+
 def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str, float], GroundingModel]:
     """The training run; returns the final metrics and the trained (unwrapped) student."""
     cfg, mcfg = resolve(cfg, mcfg)
@@ -226,6 +239,8 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch x world_size = {per_step}")
     accum = cfg.batch_size // per_step
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.dataset == "shapes":
+        prepare_world(cfg, mcfg, env)
 
     # data
     tokenizer = data.load_tokenizer(mcfg.text_encoder)

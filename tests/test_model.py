@@ -243,3 +243,16 @@ def test_transvg_architecture_is_inferred_from_shapes(tiny_config):
     assert cfg.text_config["hidden_size"] == 64 and cfg.text_config["num_hidden_layers"] == 2
     with pytest.raises(ValueError, match="max_query_len=20"):
         transvg_config(sd, {"imsize": 64, "dilation": True, "max_query_len": 20})
+
+
+def test_trainable_bn_trains_every_backbone_layer_and_still_loads_detr(tiny_config, tmp_path):
+    torch.manual_seed(1)
+    source = GroundingModel(tiny_config())
+    torch.save(detr_checkpoint(source), tmp_path / "detr.pth")
+    model = GroundingModel(tiny_config(trainable_bn=True, visual_init=str(tmp_path / "detr.pth"))).train()
+    assert all(p.requires_grad for p in model.parameters())
+    assert isinstance(model.backbone.bn1, torch.nn.BatchNorm2d)
+    assert torch.equal(model.backbone.bn1.running_var, source.backbone.bn1.running_var)  # FrozenBN stats -> BN
+    out = model(*inputs(model.cfg))
+    total_loss(out["pred_boxes"], torch.full((3, 4), 0.3))[0].backward()
+    assert model.backbone.conv1.weight.grad is not None and model.backbone.bn1.weight.grad is not None

@@ -14,9 +14,9 @@ torch.utils.flop_counter on one step, divided by the GPU's dense bf16 peak).
 
 Data: images/s of the train and eval __getitem__ (file read + JPEG decode + transforms + tokenizer), one process,
 one thread, on COCO-sized JPEGs (640x480, 480x640, 500x375) in the RefCOCO split format; goal >= 2x the official
-TransVG pipeline per core. To compare on the same files, run the official timing script first
-(shared/tools/transvg_reference/bench_data.py writes /tmp/transvg_ref/bench_splits), then
-    python bench.py --data --split_root /tmp/transvg_ref/bench_splits --tokenizer <folder with vocab.txt>
+TransVG pipeline per core. To compare on the same files, write them as an 'unc' split (unc/unc_train.pth and
+unc/unc_val.pth, TransVG's tuple format), time the official TransVGDataset.__getitem__ on them, then
+    python bench.py --data --split_root <that folder> --tokenizer <folder with bert-base-uncased's vocab.txt>
 """
 
 
@@ -213,9 +213,7 @@ def _word_vocab_tokenizer(texts: list[str], directory: str):
     """A BERT tokenizer over the words of texts: runs offline, where no BERT vocab may be at hand."""
     import data
 
-    words = sorted({w for t in texts for w in t.lower().replace(",", " ").split()})
-    with open(os.path.join(directory, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    data.write_vocab(directory, sorted({w for t in texts for w in t.lower().replace(",", " ").split()}))
     return data.load_tokenizer(directory)
 
 

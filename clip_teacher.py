@@ -41,14 +41,15 @@ Choices the paper leaves open, and ours
 
 The synthetic world has no CLIP, so `python clip_teacher.py` trains a small one on it with CLIP's own
 objective (symmetric cross-entropy over image-text similarities) and saves it like a hub model; train.py
-does this when the toy teacher is missing. Only that script entry reads the project's data.py; the teacher
-itself imports nothing from the project.
+does this when the toy teacher is missing. Only that part imports from the project, inside the functions (data.py
+for the world, evaluate.py for the command line); the teacher itself imports nothing from it.
 """
 
 import hashlib
 import html
 import json
 import math
+import os
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -333,7 +334,9 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    tokenizer = save_word_tokenizer(cfg.out_dir, words)
+    # built in a side folder and moved into place at the end: an interrupted build never looks like a teacher
+    partial = cfg.out_dir.rstrip("/") + ".partial"
+    tokenizer = save_word_tokenizer(partial, words)
     tower = {"hidden_size": cfg.width, "intermediate_size": 2 * cfg.width, "num_hidden_layers": cfg.layers,
              "num_attention_heads": 4}
     config = CLIPConfig(projection_dim=cfg.embed_dim,
@@ -341,8 +344,8 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
                                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                                      "pad_token_id": tokenizer.pad_token_id, **tower},
                         vision_config={"image_size": cfg.image_size, "patch_size": 8, **tower})
-    CLIPModel(config).save_pretrained(cfg.out_dir)
-    teacher = CLIPTeacher(cfg.out_dir, device="cpu", trainable=True)
+    CLIPModel(config).save_pretrained(partial)
+    teacher = CLIPTeacher(partial, device="cpu", trainable=True)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.1)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed),
@@ -365,7 +368,8 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
                       flush=True)
             if step == cfg.steps:
                 break
-    model.save_pretrained(cfg.out_dir)
+    model.save_pretrained(partial)
+    os.replace(partial, cfg.out_dir)
     frozen = CLIPTeacher(cfg.out_dir, device="cpu")
     eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=loader.collate_fn)
     metrics = {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]),

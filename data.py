@@ -10,7 +10,7 @@ Contents
                make_dataset, write_shapes_vocab
 
 References: TransVG (github.com/djiajunustc/TransVG @ c862427) datasets/data_loader.py and
-datasets/transforms.py, re-written from the spec in shared/docs/transvg_spec.md sec. 4 (no code copied).
+datasets/transforms.py, re-written from a written description of them (no code copied).
 
 Sample schema: every dataset's __getitem__ returns a dict (S = imsize, L = max_query_len):
   image          float32 (3,S,S)  ImageNet-normalised canvas; 0 (= the ImageNet mean colour) on padding
@@ -412,13 +412,19 @@ _SHAPES_WORDS = ("the", *SIZES, *COLOURS, *SHAPE_NAMES, "shape", "on", "at", "le
 _SHAPES_SPLITS = {"train": (1, 20000), "val": (2, 1000), "test": (3, 1000)}  # (seed stream, default size)
 
 
-def write_shapes_vocab(directory: str) -> str:
-    """Write a BERT vocab.txt ([PAD] = 0) with every word ShapesWorld says; returns its path."""
+def write_vocab(directory: str, words) -> str:
+    """Write a word-level BERT vocab.txt ([PAD] = 0, then [UNK] [CLS] [SEP] [MASK], then words) into directory,
+    so that load_tokenizer(directory) works offline; returns its path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "vocab.txt")
     with open(path, "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_SHAPES_WORDS]) + "\n")
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     return path
+
+
+def write_shapes_vocab(directory: str) -> str:
+    """Write a BERT vocab.txt with every word ShapesWorld says; returns its path."""
+    return write_vocab(directory, _SHAPES_WORDS)
 
 
 @functools.cache

@@ -61,22 +61,25 @@ def parse_config(argv: list[str] | None, types: list[type], presets: dict[str, d
     """Build one instance of each dataclass in types from argv: --key value or --key=value for every field,
     converted by the field's type (--epochs=1e4 is an error, --lr=1 is 1.0), unknown keys refused.
     presets: {dataset name: {field: value}} applied between the dataclass defaults and the command line."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    owner = {}
-    for cls in types:
-        comments = field_comments(cls)
-        for f in dataclasses.fields(cls):
-            owner[f.name] = cls
-            kind = {bool: _parse_bool, int: int, float: float, str: str}.get(f.type, json.loads)  # dict fields: JSON
-            extra = {"nargs": "?", "const": True} if f.type is bool else {}
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.name.upper(),
-                                help=f"{comments.get(f.name, '')} (default: %(default)s)", **extra)
+    owner = {f.name: cls for cls in types for f in dataclasses.fields(cls)}
+
+    def build(add_help: bool) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(description=description, allow_abbrev=False, add_help=add_help,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        for cls in types:
+            comments = field_comments(cls)
+            for f in dataclasses.fields(cls):
+                kind = {bool: _parse_bool, int: int, float: float, str: str}.get(f.type, json.loads)  # dicts: JSON
+                extra = {"nargs": "?", "const": True} if f.type is bool else {}
+                parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.name.upper(),
+                                    help=f"{comments.get(f.name, '')} (default: %(default)s)", **extra)
+        return parser
+
     argv = sys.argv[1:] if argv is None else argv
-    if presets:
-        known, _ = parser.parse_known_args(argv)
-        preset = presets.get(getattr(known, "dataset", ""), {})
-        parser.set_defaults(**preset)
+    parser = build(add_help=True)
+    if presets:  # read --dataset first (without --help, which would exit), so that --help shows the preset's values
+        known, _ = build(add_help=False).parse_known_args(argv)
+        parser.set_defaults(**presets.get(getattr(known, "dataset", ""), {}))
     args = vars(parser.parse_args(argv))
     return [cls(**{k: v for k, v in args.items() if owner[k] is cls}) for cls in types]
 
@@ -118,9 +121,24 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere (house rule R6: CPU and MPS run in fp32)."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def amp_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
+    """The autocast dtype (None = fp32) for --dtype auto|float32|bfloat16|float16 (house rule R6): autocast on CUDA
+    only; auto = bf16 on GPUs that support it (Ampere and later), fp32 elsewhere."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if device.type != "cuda":
+        if dtype in ("bfloat16", "float16"):
+            raise ValueError(f"--dtype {dtype} needs CUDA: on {device.type} everything runs in float32")
+        return None
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def autocast_for(device: torch.device, dtype: str = "auto"):
+    """The autocast context for amp_dtype(device, dtype), or a no-op. Losses and box maths stay fp32 regardless."""
+    amp = amp_dtype(device, dtype)
+    return torch.autocast("cuda", amp) if amp is not None else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -155,7 +173,7 @@ def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 32,
-             num_workers: int = 0, keep_records: bool = False) -> tuple[dict[str, float], list]:
+             num_workers: int = 0, keep_records: bool = False, dtype: str = "auto") -> tuple[dict[str, float], list]:
     """Accuracy of model on dataset. Each rank takes indices rank, rank + W, ... (no padding, unlike
     DistributedSampler), and the hit counts are all-reduced, so the result is exact for any world size.
     Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample."""
@@ -171,7 +189,7 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
     model.eval()
     counts, records = torch.zeros(4, dtype=torch.float64), []
     for batch in loader:
-        with autocast_for(device):
+        with autocast_for(device, dtype):
             out = model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
                         batch["input_ids"].to(device), batch["attention_mask"].to(device))
         pred = predicted_xyxy(out["pred_boxes"].float().cpu(), imsize, batch["scale"], batch["pad_offset"])
@@ -242,6 +260,7 @@ class EvalConfig:
     batch_size: int = 32  # images per device
     num_workers: int = 2  # data loader processes
     device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+    dtype: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32), float32, bfloat16 or float16
     json: str = ""  # also write the numbers to this file
     vis: int = 0  # save this many pictures per split (green = ground truth, yellow = prediction)
     worst: bool = False  # pictures of the lowest-IoU predictions instead of the first ones
@@ -265,12 +284,13 @@ def dataset_for(name: str, split: str, tokenizer, model_cfg, train_cfg: dict, sp
                              max_query_len=model_cfg.max_query_len,
                              split_root=split_root or train_cfg.get("split_root", "data"),
                              data_root=data_root or train_cfg.get("data_root", "ln_data"),
-                             image_size=train_cfg.get("shapes_image_size", 128), size=size)
+                             image_size=train_cfg.get("shapes_image_size", 128), size=size,
+                             drop_invalid=train_cfg.get("drop_invalid", False))
 
 
 @torch.no_grad()
-def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device: torch.device, out_dir: str
-                  ) -> dict:
+def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device: torch.device, out_dir: str,
+                  dtype: str = "auto") -> dict:
     """Box (x1, y1, x2, y2) in the image's pixels for one expression, and a PNG of it."""
     if not text.strip():
         raise ValueError("--text is empty: give the referring expression, e.g. --text 'the man on the left'")
@@ -281,7 +301,7 @@ def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device
                                    imsize=model.cfg.imsize)
     ids, mask = data.tokenize(data.make_encoder(tokenizer, model.cfg.max_query_len), sample["text"])
     batch = data.collate([{**sample, "input_ids": ids, "attention_mask": mask}])
-    with autocast_for(device):
+    with autocast_for(device, dtype):
         out = model(batch["image"].to(device), batch["img_is_pad"].to(device), batch["input_ids"].to(device),
                     batch["attention_mask"].to(device))
     box = predicted_xyxy(out["pred_boxes"].float().cpu(), model.cfg.imsize, batch["scale"], batch["pad_offset"])[0]
@@ -306,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
         out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "vis")
         if cfg.image:
-            return predict_image(model, tokenizer, cfg.image, cfg.text, env.device, out_dir)
+            return predict_image(model, tokenizer, cfg.image, cfg.text, env.device, out_dir, cfg.dtype)
         # TransVG checkpoints name their dataset by its split folder (unc, gref_umd, ...)
         folders = {info.folder: name for name, info in data.DATASETS.items() if info.folder}
         name = cfg.dataset or train_cfg.get("dataset") or folders.get((ckpt.get("args") or {}).get("dataset"))
@@ -316,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         for split in [cfg.split] if cfg.split else data.DATASETS[name].eval_splits:
             dataset = dataset_for(name, split, tokenizer, model.cfg, train_cfg, cfg.split_root, cfg.data_root)
             results[split], records = evaluate(model, dataset, env.device, cfg.batch_size, cfg.num_workers,
-                                               keep_records=cfg.vis > 0)
+                                               keep_records=cfg.vis > 0, dtype=cfg.dtype)
             if cfg.vis and env.is_master:
                 paths = save_pictures(dataset, records, out_dir, cfg.vis, cfg.worst, f"{name}_{split}")
                 print0(f"{split}: {len(paths)} pictures in {out_dir}")

@@ -8,7 +8,7 @@
                                                                                                  -> box (cx, cy, w, h) in [0,1]
 References
   EpmVG paper, arXiv 2312.17648, sec. 3.1 (eq. 1-4) and Appendix A (distillation locations).
-  TransVG, github.com/djiajunustc/TransVG @ c862427 (models/*): our spec is ../shared/docs/transvg_spec.md sec. 2-3.
+  TransVG, github.com/djiajunustc/TransVG @ c862427: models/trans_vg.py, vl_transformer.py, visual_model/*.
   DETR, github.com/facebookresearch/detr (backbone, sine position encoding, post-norm encoder layer).
 
 Shape letters: B batch, S canvas side (ModelConfig.imsize), h x w feature map, N = h*w visual tokens,
@@ -244,8 +244,11 @@ class GroundingModel(nn.Module):
         seq_is_pad = torch.cat([vis_is_pad.new_zeros(B, 1), vis_is_pad, txt_is_pad], dim=1)  # (B,1+N+L)
         out = self.fusion(seq, self.pos_embed[None].to(seq.dtype), seq_is_pad)  # (B,1+N+L,D)
         cls = 1 + self.num_visual  # index of [CLS] in the joint sequence
+        # the box head in fp32 even under bf16 autocast: bf16 would round a coordinate to ~2 px of a 640 canvas
+        with torch.autocast(images.device.type, enabled=False):
+            boxes = self.bbox_head(out[:, 0].float()).sigmoid()  # (B,4)
         return {
-            "pred_boxes": self.bbox_head(out[:, 0]).sigmoid(),  # (B,4)
+            "pred_boxes": boxes,
             "distill": {
                 "loc1": (out[:, 1], out[:, cls]),
                 "loc2": (p_v[:, 0], p_l[:, 0]),

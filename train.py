@@ -12,7 +12,7 @@ presets (PRESETS) hold the paper's recipe; flags override them. The body reads t
 data, model, teacher, optimizer, resume, loop. Checkpoints are plain data (weights_only=True loads them), hold the
 student only (the teacher is stored by name), and are written atomically by rank 0.
 
-References: EpmVG paper sec. 4.2; TransVG train.py/engine.py (spec: ../shared/docs/transvg_spec.md sec. 5).
+References: EpmVG paper sec. 4.2; TransVG (github.com/djiajunustc/TransVG @ c862427) train.py and engine.py.
 """
 
 import contextlib
@@ -21,6 +21,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -32,9 +33,19 @@ from tqdm import tqdm
 
 import data
 from clip_teacher import CLIPTeacher, ToyCLIPConfig, build_toy_teacher
-from evaluate import DeviceEnv, autocast_for, dataset_for, evaluate, parse_config, print0, print_table, setup_device
+from evaluate import (
+    DeviceEnv,
+    amp_dtype,
+    autocast_for,
+    dataset_for,
+    evaluate,
+    parse_config,
+    print0,
+    print_table,
+    setup_device,
+)
 from losses import distill_loss, total_loss
-from model import GroundingModel, ModelConfig, read_checkpoint
+from model import GroundingModel, ModelConfig, count_parameters, read_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -50,6 +61,7 @@ class TrainConfig:
     train_split: str = "train"  # split to train on
     eval_split: str = "val"  # split for model selection during training (best.pt)
     augment: bool = True  # TransVG's train augmentation (scale, crop, colour, flip with word swap, translate)
+    drop_invalid: bool = False  # skip split-file entries with an empty expression or a zero-area box (warns)
     shapes_train_size: int = 0  # shapes: generated training scenes (0 = data.py's default)
     shapes_eval_size: int = 0  # shapes: scenes per val/test split (0 = data.py's default)
     shapes_image_size: int = 128  # shapes: long side of the generated images, pixels
@@ -73,6 +85,7 @@ class TrainConfig:
     beta: float = 2.0  # weight of the text term
     teacher: str = "openai/clip-vit-base-patch16"  # CLIP hub name or local directory
     teacher_trainable: bool = False  # Table 5 "unfrozen": CLIP trains at lr_visual with the distillation grads
+    teacher_text_cache: int = 0  # frozen teacher: keep this many text embeddings, keyed on the exact expression
     toy_teacher_steps: int = 400  # shapes: training steps of the toy CLIP that is built when --teacher is missing
     checkpoint_dir: str = "checkpoints"  # where visual_init=detr finds TransVG's detr-r50-unc.pth etc.
     out_dir: str = ""  # default out/<dataset>
@@ -81,23 +94,19 @@ class TrainConfig:
     eval_batch: int = 32  # images per device when evaluating
     final_eval: bool = True  # at the end, evaluate every split the papers report and print the table
     device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+    dtype: str = "auto"  # autocast: auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16 (+scaler)
     compile: bool = False  # torch.compile the student
     channels_last: bool = False  # channels_last memory format for the ResNet (faster with bf16 on GPUs)
     num_workers: int = 4  # data loader processes per device
     seed: int = 13  # base seed; rank r uses seed + r (TransVG: 13)
 
 
-# The paper's recipe per dataset: the DETR checkpoint of TransVG for the visual branch, pretrained BERT,
-# 40 tokens for RefCOCOg, 180 epochs for RefCOCO+. DETR_FAMILY names TransVG's DETR checkpoint for each.
-PAPER = dict(visual_init="detr", text_init="pretrained", text_encoder="bert-base-uncased")
-PRESETS = {
-    "refcoco": PAPER,
-    "refcoco+": {**PAPER, "epochs": 180, "lr_drop": 120},
-    "refcocog": {**PAPER, "max_query_len": 40},
-    "refcocog_google": {**PAPER, "max_query_len": 40},
-    "referit": PAPER,
-    "flickr30k": PAPER,
-}
+# The paper's recipe per dataset: the DETR checkpoint of TransVG for the visual branch, pretrained BERT, TransVG's
+# query length (40 tokens for RefCOCOg), 180 epochs for RefCOCO+. DETR_FAMILY names TransVG's DETR checkpoint.
+PAPER = {"visual_init": "detr", "text_init": "pretrained", "text_encoder": "bert-base-uncased"}
+PRESETS = {name: {**PAPER, "max_query_len": info.max_query_len} for name, info in data.DATASETS.items()
+           if name != "shapes"}
+PRESETS["refcoco+"].update(epochs=180, lr_drop=120)
 # The synthetic world, sized for a 2-core laptop CPU (about 10 minutes with its toy CLIP teacher): a ResNet-18 at
 # 128 px learned from scratch (so ordinary BatchNorm, trainable_bn), a tiny BERT over the world's 24 words, 2 + 2
 # transformer layers of width 128, 800 steps of 32 with the lr x0.1 for the last quarter. Data loading stays in the
@@ -154,8 +163,8 @@ class EpochSeeded(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample_seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**62
         state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+        with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator, the one transforms use
+            torch.default_generator.manual_seed(sample_seed)  # not torch.manual_seed: it would reseed CUDA's too
             random.seed(sample_seed)
             try:
                 return self.dataset[i]
@@ -182,6 +191,17 @@ def save_atomic(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def average_gradients(params, world_size: int) -> None:
+    """All-reduce the gradients of parameters DDP does not manage, as one flat buffer (one collective, not one
+    per tensor), and divide by the world size, as DDP does for the student."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 def git_sha() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -195,8 +215,39 @@ def git_sha() -> str:
 # main
 
 
+# What a resumed run may change: where and how fast it runs, when it stops and evaluates. Anything else would make
+# it a different run than the one it continues.
+RESUME_MAY_CHANGE = {"resume", "max_steps", "out_dir", "device", "dtype", "compile", "channels_last", "num_workers",
+                     "micro_batch", "eval_every", "eval_batch", "final_eval", "checkpoint_dir"}
+
+
+def resume_config(cfg: TrainConfig, mcfg: ModelConfig, argv: list[str]) -> tuple[TrainConfig, ModelConfig]:
+    """--resume continues the checkpoint's run: its configs, with the flags given now on top, if they may change."""
+    ckpt = read_checkpoint(cfg.resume)
+    old_train, old_model = TrainConfig(**ckpt["train_config"]), ModelConfig(**ckpt["model_config"])
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    new = {**asdict(cfg), **asdict(mcfg)}
+    old = {**asdict(old_train), **asdict(old_model)}
+
+    def same(k: str) -> bool:  # the checkpoint holds the resolved BERT config, the flag may give part of it
+        if k == "text_config" and new[k] and old[k]:
+            return all(old[k].get(key) == value for key, value in new[k].items())
+        return new[k] == old[k]
+
+    changed = sorted(k for k in given - RESUME_MAY_CHANGE if not same(k))
+    if changed:
+        raise ValueError(f"--resume {cfg.resume}: {', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in changed)}: "
+                         f"a resumed run continues its checkpoint's run, so only {sorted(RESUME_MAY_CHANGE)} may "
+                         f"change; start a new run (--out_dir) to change the rest")
+    return (replace(old_train, **{k: new[k] for k in given if hasattr(old_train, k)}),
+            replace(old_model, **{k: new[k] for k in given if hasattr(old_model, k) and k != "text_config"}))
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    argv = sys.argv[1:] if argv is None else argv
     cfg, mcfg = parse_config(argv, [TrainConfig, ModelConfig], PRESETS, __doc__)
+    if cfg.resume:
+        cfg, mcfg = resume_config(cfg, mcfg, argv)
     env = setup_device(cfg.device)
     try:
         return train(cfg, mcfg, env)[0]
@@ -222,10 +273,14 @@ def resolve(cfg: TrainConfig, mcfg: ModelConfig) -> tuple[TrainConfig, ModelConf
 
 def prepare_world(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> None:
     """The synthetic world needs no download, but its BERT vocabulary and its toy CLIP teacher are made here, once,
-    by rank 0, and reused by later runs."""
-    if env.is_master and not os.path.exists(mcfg.text_encoder):
+    by rank 0, and reused by later runs. Only at the preset's paths or at absolute ones: a hub name such as
+    openai/clip-vit-base-patch16 must never become a local folder of toy files."""
+    def ours(path: str, preset: str) -> bool:
+        return not os.path.exists(path) and (path == preset or os.path.isabs(path))
+
+    if env.is_master and ours(mcfg.text_encoder, TOY["text_encoder"]):
         print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
-    if env.is_master and cfg.distill != "none" and not os.path.exists(cfg.teacher):
+    if env.is_master and cfg.distill != "none" and ours(cfg.teacher, TOY["teacher"]):
         print0(f"no CLIP teacher at {cfg.teacher}: training the synthetic world's toy CLIP first "
                f"(python clip_teacher.py does the same)")
         build_toy_teacher(ToyCLIPConfig(out_dir=cfg.teacher, steps=cfg.toy_teacher_steps, imsize=mcfg.imsize,
@@ -257,22 +312,28 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
         raise ValueError(f"{cfg.dataset}/{cfg.train_split} has {len(train_set)} samples, fewer than one batch")
     total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
 
-    # model (same init on every rank; DDP also broadcasts rank 0's weights)
+    # model (same init on every rank; DDP also broadcasts rank 0's weights). A resumed run takes every weight from
+    # its checkpoint, so it builds the branches at random instead of fetching BERT and DETR again.
     torch.manual_seed(cfg.seed)
-    model = GroundingModel(mcfg).to(env.device)
+    model = GroundingModel(replace(mcfg, text_init="random", visual_init="random") if cfg.resume else mcfg)
+    model = model.to(env.device)
     torch.manual_seed(cfg.seed + env.rank)  # from here on (dropout) every rank has its own stream
     random.seed(cfg.seed + env.rank)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    mcfg = model.cfg  # with the text encoder's resolved config, so checkpoints rebuild offline
+    mcfg = replace(mcfg, text_config=model.cfg.text_config)  # resolved BERT config: checkpoints rebuild offline
+    print0(f"student parameters: {count_parameters(model)}")
+    amp = amp_dtype(env.device, cfg.dtype)  # None = fp32
     teacher = None
     if cfg.distill != "none":
-        teacher = CLIPTeacher(cfg.teacher, device=env.device, trainable=cfg.teacher_trainable)
+        teacher = CLIPTeacher(cfg.teacher, device=env.device, trainable=cfg.teacher_trainable,
+                              dtype=amp or torch.float32, text_cache_size=cfg.teacher_text_cache)
     # the teacher only runs the towers the chosen modality needs (image-only skips CLIP's text tower)
     cv, ct = model.distill_widths(cfg.distill_loc)
     widths = (cv if cfg.distill_modality != "text" else None, ct if cfg.distill_modality != "image" else None)
     optimizer = torch.optim.AdamW(param_groups(model, teacher, cfg), weight_decay=cfg.weight_decay,
                                   fused=env.device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # fp16 only: bf16 needs no loss scaling
 
     # resume: weights, optimizer, counters and RNG; the lr follows from the step
     step, best, start = 0, -1.0, time.time()
@@ -281,7 +342,11 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best = ckpt["step"], ckpt["best_metric"]
+        if ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"][env.rank % len(ckpt["rng"]["cpu"])])
+        if env.device.type == "cuda" and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank % len(ckpt["rng"]["cuda"])])
         if teacher is not None and cfg.teacher_trainable:
             teacher.model.load_state_dict(read_checkpoint(cfg.resume + ".teacher")["model"])
         print0(f"resumed from {cfg.resume} at step {step} (epoch {step // steps_per_epoch}), best {best:.2f}")
@@ -289,6 +354,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
     raw_model = model  # unwrapped and uncompiled: what checkpoints hold
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = model  # evaluation needs no DDP: its forward would broadcast buffers, a collective, per batch
     if env.ddp:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
@@ -301,18 +367,31 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=1)
 
+    def sync_buffers() -> None:
+        """Rank 0's buffers (BatchNorm statistics with trainable_bn) on every rank, as DDP broadcasts them before
+        each training forward: evaluation and checkpoints then see one model, whichever rank runs them."""
+        if env.ddp:
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, src=0)
+
     def checkpoint(name: str, metric: float) -> None:
-        rng = [torch.get_rng_state()]
-        if env.ddp:  # each rank's dropout stream, so a resumed DDP run continues every rank's sequence
-            rng = [None] * env.world_size
-            dist.all_gather_object(rng, torch.get_rng_state())
+        sync_buffers()
+        # every rank's dropout stream (CPU, and CUDA's where dropout runs), so a resumed run continues each of them
+        state = {"cpu": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}
+        states = [state]
+        if env.ddp:
+            states = [None] * env.world_size
+            dist.all_gather_object(states, state)
+        rng = {"cpu": [s["cpu"] for s in states], "cuda": [s["cuda"] for s in states if s["cuda"] is not None]}
         if not env.is_master:
             return
-        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
+        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "step": step, "epoch": step // steps_per_epoch, "best_metric": metric,
                      "model_config": asdict(mcfg), "train_config": asdict(cfg),
                      "teacher": None if teacher is None else {"name": teacher.name, "sha256": teacher.weights_sha256},
-                     "rng": {"cpu": rng}, "git_sha": git_sha(), "format_version": FORMAT_VERSION},
+                     "rng": rng, "git_sha": git_sha(), "format_version": FORMAT_VERSION},
                     os.path.join(cfg.out_dir, name))
         if teacher is not None and cfg.teacher_trainable:  # a tuned teacher is not ours to put in the student
             save_atomic({"model": teacher.model.state_dict()}, os.path.join(cfg.out_dir, name + ".teacher"))
@@ -320,7 +399,9 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
     def validate() -> dict[str, float]:
         """Evaluate on eval_split (all ranks), keep best.pt, print; returns the metrics."""
         nonlocal best
-        metrics, _ = evaluate(model, eval_set, env.device, cfg.eval_batch, num_workers=min(cfg.num_workers, 2))
+        sync_buffers()
+        metrics, _ = evaluate(eval_model, eval_set, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
+                              dtype=cfg.dtype)
         if metrics["acc@0.5"] > best:
             best = metrics["acc@0.5"]
             checkpoint("best.pt", best)
@@ -328,7 +409,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
                f"Acc@0.75 {metrics['acc@0.75']:.2f}, mIoU {metrics['miou']:.3f}")
         return {**metrics, "step": step}
 
-    autocast = autocast_for(env.device)
+    autocast = autocast_for(env.device, cfg.dtype)
     metrics, log_path = {}, os.path.join(cfg.out_dir, "log.jsonl")
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -366,7 +447,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
                                                      cfg.distill_modality, cfg.alpha, cfg.beta)
                     loss, terms = total_loss(out["pred_boxes"], batch["target"], cfg.box_loss, cfg.giou_weight,
                                              distill_terms)
-                    (loss / accum).backward()
+                    scaler.scale(loss / accum).backward()
                 for k, v in terms.items():
                     terms_total[k] = terms_total.get(k, 0.0) + v.detach() / accum
             # one small all-reduce per step: logs the global mean and stops every rank together on NaN
@@ -380,13 +461,12 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
                     f"non-finite loss at step {step} (epoch {epoch}): {dict(zip(terms_total, values))}; stopped "
                     f"before the optimizer step, so {cfg.out_dir}/last.pt is the last good checkpoint")
             if teacher is not None and cfg.teacher_trainable and env.ddp:
-                for p in teacher.parameters():  # the teacher is outside DDP: average its gradients by hand
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= env.world_size
+                average_gradients(teacher.parameters(), env.world_size)  # the teacher is outside DDP
             if cfg.clip_grad > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             done += 1
@@ -415,7 +495,8 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
         for split in data.DATASETS[cfg.dataset].eval_splits:
             dataset = eval_set if split == cfg.eval_split else dataset_for(cfg.dataset, split, tokenizer, mcfg,
                                                                           asdict(cfg))
-            results[split], _ = evaluate(model, dataset, env.device, cfg.eval_batch, min(cfg.num_workers, 2))
+            results[split], _ = evaluate(eval_model, dataset, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
+                                         dtype=cfg.dtype)
         print_table(results)
     final = {"step": step, "best_acc@0.5": best,
              **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items() if k != "step"},

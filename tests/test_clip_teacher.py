@@ -13,6 +13,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
 from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
+import train
 from clip_teacher import CLIPTeacher, adaptive_avg_pool, save_word_tokenizer
 from losses import distill_loss
 from model import GroundingModel
@@ -32,14 +33,8 @@ def imagenet_normalise(rgb01: torch.Tensor) -> torch.Tensor:
 
 
 def write_tiny_clip_tokenizer(directory) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over printable ASCII plus a few merges; specials last, as in OpenAI's vocab."""
-    chars = [chr(c) for c in range(33, 127)]
-    merges = [("m", "a"), ("ma", "n</w>"), ("t", "h"), ("th", "e</w>")]
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + specials
-    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+    """A CLIP BPE tokenizer over printable ASCII, with "man" and "the" as whole words; specials last, as OpenAI's."""
+    return save_word_tokenizer(directory, ["man", "the"])
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +203,10 @@ def test_frozen_teacher_stays_out_of_the_student(teacher, tiny_config):
     assert all(not p.requires_grad for p in teacher.parameters())
     assert set(student.state_dict()) == keys
     teacher_ids = {id(p) for p in teacher.parameters()}
-    optimizer = torch.optim.AdamW(student.parameters())
-    assert not teacher_ids & {id(p) for group in optimizer.param_groups for p in group["params"]}
+    groups = train.param_groups(student, teacher, train.TrainConfig())  # the optimizer's groups in train.py
+    assert not teacher_ids & {id(p) for group in groups for p in group["params"]}
+    groups = train.param_groups(student, teacher, train.TrainConfig(teacher_trainable=True))
+    assert {id(p) for p in groups[-1]["params"]} == teacher_ids and groups[-1]["base_lr"] == 1e-5
 
 
 def test_each_location_gets_targets_of_its_width_and_only_the_student_gets_gradients(teacher, tiny_config):
@@ -242,9 +239,8 @@ def test_trainable_teacher_gets_the_distillation_gradient_and_updates(clip_dir, 
     torch.manual_seed(0)
     student = GroundingModel(tiny_config()).train()
     assert not teacher.model.training and all(p.requires_grad for p in teacher.parameters())
-    # as train.py would: the teacher joins the optimizer at the backbone learning rate
-    optimizer = torch.optim.AdamW([{"params": list(student.parameters()), "lr": 1e-4},
-                                   {"params": list(teacher.parameters()), "lr": 1e-5}])
+    # train.py's groups: the teacher joins the optimizer at the backbone learning rate
+    optimizer = torch.optim.AdamW(train.param_groups(student, teacher, train.TrainConfig(teacher_trainable=True)))
     batch = student_batch(student.cfg)
     target = teacher.targets(batch[0], TEXTS, student.distill_widths("loc1"))
     sum(distill_loss(student(*batch)["distill"]["loc1"], target).values()).backward()

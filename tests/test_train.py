@@ -13,6 +13,7 @@ import torch
 
 import evaluate
 import train
+from clip_teacher import CLIPTeacher
 from model import GroundingModel, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +106,30 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_tr
     assert lrs == [g["lr"] for g in full["optimizer"]["param_groups"]] and lrs[0] == pytest.approx(2e-5)
 
 
+def test_resume_takes_the_run_from_the_checkpoint_and_refuses_changes(tmp_path, tiny_train_flags):
+    train.main(tiny_train_flags(tmp_path, "--max_steps=2", "--final_eval=false", "--lr=3e-4"))
+    last = str(tmp_path / "last.pt")
+    # only --resume and --max_steps: the dataset, model and lr come from the checkpoint, not from the defaults
+    out = train.main([f"--resume={last}", "--max_steps=3", "--final_eval=false", "--device=cpu"])
+    assert out["step"] == 3
+    assert read_checkpoint(last)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-4)
+    with pytest.raises(ValueError, match=r"lr 0.0003 -> 0.001"):
+        train.main([f"--resume={last}", "--max_steps=4", "--lr=1e-3"])
+
+
+def test_trainable_teacher_trains_saves_beside_the_student_and_resumes(tmp_path, tiny_train_flags, tiny_clip_dir):
+    flags = ["--distill=cos", f"--teacher={tiny_clip_dir}", "--teacher_trainable", "--final_eval=false"]
+    train.main(tiny_train_flags(tmp_path, *flags, "--max_steps=2"))
+    ckpt = read_checkpoint(str(tmp_path / "last.pt"))
+    assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["fusion", "visual", "text", "teacher"]
+    tuned = read_checkpoint(str(tmp_path / "last.pt.teacher"))["model"]
+    original = CLIPTeacher(tiny_clip_dir, device="cpu").model.state_dict()
+    assert not torch.equal(tuned["visual_projection.weight"], original["visual_projection.weight"])
+    assert not any(k.startswith(("vision_model.", "text_model.")) for k in ckpt["model"])  # not in the student's
+    out = train.main([f"--resume={tmp_path / 'last.pt'}", "--max_steps=3", "--final_eval=false"])
+    assert out["step"] == 3
+
+
 def test_overfitting_one_batch_drives_the_loss_down(tiny_config, tmp_path):
     # the step train.py takes (its parameter groups, AdamW, eq. 8 loss) on one fixed batch of 8, 150 times
     import data
@@ -162,3 +187,25 @@ def test_two_process_ddp_run_matches_across_ranks_and_counts_exactly(tmp_path, t
         for k in ("acc@0.5", "acc@0.75"):
             assert r["metrics"][f"val_{k}"] == single["val"][k]
         assert r["metrics"]["val_miou"] == pytest.approx(single["val"]["miou"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_step_equals_one_process_step_on_the_same_global_batch(tmp_path, tiny_train_flags):
+    # no dropout and TransVG's frozen BN: nothing depends on how the 8 images are split over ranks and micro-batches
+    quiet = ['--text_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, '
+             '"intermediate_size": 64, "max_position_embeddings": 32, "hidden_dropout_prob": 0, '
+             '"attention_probs_dropout_prob": 0}', "--dropout=0", "--trainable_bn=false", "--max_steps=2",
+             "--final_eval=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "tests", "ddp_worker.py"),
+                          *tiny_train_flags(tmp_path / "two", *quiet, "--micro_batch=2")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    train.main(tiny_train_flags(tmp_path / "one", *quiet, "--micro_batch=4"))  # 8 = 4 x 2 accumulation steps
+    train.main(tiny_train_flags(tmp_path / "first", *quiet, "--micro_batch=4", "--max_steps=1"))
+    two, one, first = (read_checkpoint(str(tmp_path / d / "last.pt"))["model"] for d in ("two", "one", "first"))
+    for k, v in one.items():
+        assert torch.allclose(two[k], v, atol=1e-5, rtol=1e-4), k
+    # and the comparison means something: one AdamW step (lr 2e-4) moves weights 10x more than that tolerance
+    assert (one["bbox_head.4.weight"] - first["bbox_head.4.weight"]).abs().max() > 1e-4

@@ -1,9 +1,11 @@
 """Parity with the official TransVG code: same pred_boxes (and fusion outputs) on the same inputs.
 
 Run: TRANSVG_REF=/tmp/transvg_ref python -m pytest -q tests/test_transvg_parity.py
-The reference files come from running the official code (random weights, CPU) with
-../shared/tools/transvg_reference/make_reference.py (see its README: fetch the TransVG repo, setup_transvg.sh,
-make_reference.py). Without them the test is skipped, saying so: CI has no copy of the official code.
+The reference files come from running the official code (github.com/djiajunustc/TransVG @ c862427, random weights,
+CPU, torch.manual_seed(0) before build_model): TransVG_random_{r50,r101,r50_q40}.pth (its train.py checkpoint format)
+and io.pt / io_r101.pt / io_q40.pt holding one batch of 2 eval-transformed samples (img, img_mask 1 = pad, word_id,
+word_mask), its pred_boxes, and the VL transformer's output (intermediates["vl_out"], sequence-first). Without them
+the test is skipped, saying so: CI has no copy of the official code.
 """
 import os
 

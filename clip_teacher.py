@@ -50,6 +50,7 @@ import html
 import json
 import math
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -385,10 +386,11 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
 
 def build_toy_teacher(cfg: ToyCLIPConfig) -> dict:
     """The synthetic world's train/val splits as the student sees them, then train_toy_clip."""
-    import data  # the one import from the project: the world the toy teacher learns
+    import data  # the world the toy teacher learns
 
-    vocab_dir = Path(cfg.out_dir) / "bert_vocab"  # the world's words, for its (unused) BERT tokens
-    tokenizer = data.load_tokenizer(str(Path(data.write_shapes_vocab(str(vocab_dir))).parent))
+    with tempfile.TemporaryDirectory() as vocab_dir:  # the samples carry BERT ids too, which the teacher ignores
+        data.write_shapes_vocab(vocab_dir)
+        tokenizer = data.load_tokenizer(vocab_dir)
     words = [w for w in tokenizer.vocab if not w.startswith("[")]
     kw = {"imsize": cfg.imsize, "max_query_len": 16, "image_size": cfg.shapes_image_size}
     train_set = data.make_dataset("shapes", "train", tokenizer, train=True, **kw)

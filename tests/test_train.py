@@ -206,6 +206,11 @@ def test_two_process_step_equals_one_process_step_on_the_same_global_batch(tmp_p
     train.main(tiny_train_flags(tmp_path / "first", *quiet, "--micro_batch=4", "--max_steps=1"))
     two, one, first = (read_checkpoint(str(tmp_path / d / "last.pt"))["model"] for d in ("two", "one", "first"))
     for k, v in one.items():
+        if k.endswith("in_proj_bias"):
+            # the key bias [D:2D] adds the same score to every key, so softmax makes its gradient exactly zero and
+            # what arrives is rounding noise, which Adam's g/sqrt(v) scales up to ~lr in either direction
+            d = v.shape[0] // 3
+            two[k], v = torch.cat([two[k][:d], two[k][2 * d:]]), torch.cat([v[:d], v[2 * d:]])
         assert torch.allclose(two[k], v, atol=1e-5, rtol=1e-4), k
     # and the comparison means something: one AdamW step (lr 2e-4) moves weights 10x more than that tolerance
     assert (one["bbox_head.4.weight"] - first["bbox_head.4.weight"]).abs().max() > 1e-4

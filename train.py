@@ -107,7 +107,7 @@ PAPER = {"visual_init": "detr", "text_init": "pretrained", "text_encoder": "bert
 PRESETS = {name: {**PAPER, "max_query_len": info.max_query_len} for name, info in data.DATASETS.items()
            if name != "shapes"}
 PRESETS["refcoco+"].update(epochs=180, lr_drop=120)
-# The synthetic world, sized for a 2-core laptop CPU (about 10 minutes with its toy CLIP teacher): a ResNet-18 at
+# The synthetic world, sized for a 2-core laptop CPU (8.5 minutes with its toy CLIP teacher, README): a ResNet-18 at
 # 128 px learned from scratch (so ordinary BatchNorm, trainable_bn), a tiny BERT over the world's 24 words, 2 + 2
 # transformer layers of width 128, 800 steps of 32 with the lr x0.1 for the last quarter. Data loading stays in the
 # main process: on 2 cores a worker process only competes with the model for them.

@@ -211,6 +211,8 @@ def test_two_process_step_equals_one_process_step_on_the_same_global_batch(tmp_p
             # what arrives is rounding noise, which Adam's g/sqrt(v) scales up to ~lr in either direction
             d = v.shape[0] // 3
             two[k], v = torch.cat([two[k][:d], two[k][2 * d:]]), torch.cat([v[:d], v[2 * d:]])
+        if k.endswith("attention.self.key.bias"):  # BERT's key bias: the same reason
+            continue
         assert torch.allclose(two[k], v, atol=1e-5, rtol=1e-4), k
     # and the comparison means something: one AdamW step (lr 2e-4) moves weights 10x more than that tolerance
     assert (one["bbox_head.4.weight"] - first["bbox_head.4.weight"]).abs().max() > 1e-4

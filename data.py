@@ -5,9 +5,9 @@ Contents
   text         whole-word left/right swap and spatial-word test, load_tokenizer, make_encoder, tokenize
   transforms   train (random resize / box-keeping crop / jitter / flip+swap / translate) and eval
                (long side to imsize, centred pad), canvas_to_original_xyxy (the one inverse), collate
-  datasets     TransVGSplits (the split files every TransVG-lineage codebase ships), ShapesWorld (a
-               procedurally generated referring-expression world: the toy default and the test fixture),
-               make_dataset, write_shapes_vocab
+  datasets     TransVGSplits (the split files every TransVG-lineage codebase ships), ShapesWorld (shapes.py's
+               synthetic referring-expression world: the toy default and the test fixture), make_dataset,
+               write_shapes_vocab
 
 References: TransVG (github.com/djiajunustc/TransVG @ c862427) datasets/data_loader.py and
 datasets/transforms.py, re-written from a written description of them (no code copied).
@@ -29,10 +29,8 @@ Sample schema: every dataset's __getitem__ returns a dict (S = imsize, L = max_q
 Box convention: pixel edges, x in [0, W]; pixel i covers [i, i+1). A flip maps x to W - x (TransVG's).
 """
 
-import functools
 import math
 import os
-import random
 import re
 import warnings
 from dataclasses import dataclass
@@ -42,6 +40,8 @@ import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.ops import box_convert
+
+import shapes
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -391,26 +391,7 @@ def read_image(path: str, where: str = "") -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# the synthetic world
-
-# Sizes are fractions of the image's long side; the colours are far apart in hue so that the colour
-# jitter cannot turn one into another.
-SHAPE_NAMES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 205, 30),
-           "purple": (150, 60, 200)}
-SIZES = {"small": (0.16, 0.21), "big": (0.30, 0.36)}
-_CHOICES = {"size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPE_NAMES}
-_SUBSETS = [(), ("size",), ("colour",), ("shape",), ("size", "colour"), ("size", "shape"),
-            ("colour", "shape"), ("size", "colour", "shape")]  # the attributes a description says
-# (words, axis 0 = x / 1 = y, direction 1 = toward left / top). Both are mirror-symmetric in x, so a
-# flip plus the left/right swap keeps every expression true.
-_POSITIONS = ((("on the left", "leftmost"), 0, 1), (("on the right", "rightmost"), 0, -1),
-              (("at the top",), 1, 1), (("at the bottom",), 1, -1))
-_RELATIONS = (("to the left of", 0, 1), ("to the right of", 0, -1), ("above", 1, 1), ("below", 1, -1))
-_SHAPES_WORDS = ("the", *SIZES, *COLOURS, *SHAPE_NAMES, "shape", "on", "at", "left", "right", "top", "bottom",
-                 "leftmost", "rightmost", "to", "of", "above", "below")
-_SHAPES_SPLITS = {"train": (1, 20000), "val": (2, 1000), "test": (3, 1000)}  # (seed stream, default size)
-
+# the synthetic world (shapes.py) as a dataset
 
 def write_vocab(directory: str, words) -> str:
     """Write a word-level BERT vocab.txt ([PAD] = 0, then [UNK] [CLS] [SEP] [MASK], then words) into directory,
@@ -423,127 +404,31 @@ def write_vocab(directory: str, words) -> str:
 
 
 def write_shapes_vocab(directory: str) -> str:
-    """Write a BERT vocab.txt with every word ShapesWorld says; returns its path."""
-    return write_vocab(directory, _SHAPES_WORDS)
-
-
-@functools.cache
-def _shape_mask(shape: str, side: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """bool (side, side) mask of a shape drawn in a side x side square, and its tight box xyxy."""
-    c = (torch.arange(side) + 0.5) / side  # pixel centres in [0, 1]
-    u, v = c.view(1, -1), c.view(-1, 1)  # x across, y down
-    if shape == "circle":
-        mask = (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    elif shape == "triangle":  # apex at the top centre, base along the bottom
-        mask = (u - 0.5).abs() <= v / 2
-    else:
-        mask = torch.ones(side, side, dtype=torch.bool)
-    cols, rows = mask.any(0).nonzero()[:, 0], mask.any(1).nonzero()[:, 0]
-    return mask, (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-
-
-def _describe(obj: dict, keys: tuple) -> str:
-    """'small red circle' for keys (size, colour, shape); the noun is 'shape' when the shape is not said."""
-    adjectives = [obj[k] for k in ("size", "colour") if k in keys]
-    return " ".join(adjectives + [obj["shape"] if "shape" in keys else "shape"])
-
-
-def _centre(o: dict, axis: int) -> float:
-    return (o["box"][axis] + o["box"][axis + 2]) / 2
-
-
-def _expressions(objects: list[dict], h: int, w: int) -> dict[str, list[str]]:
-    """Every expression that singles out objects[0], by kind: attribute, position, relation."""
-    target, out = objects[0], {"attribute": [], "position": [], "relation": []}
-
-    def alike(ref, keys):
-        return [o for o in objects if all(o[k] == ref[k] for k in keys)]
-
-    for keys in _SUBSETS:
-        group, d = alike(target, keys), _describe(target, keys)  # group[0] is the target
-        if keys and len(group) == 1:
-            out["attribute"].append(f"the {d}")
-        for words, axis, sign in _POSITIONS:  # the extreme look-alike, clear of the others by 10%
-            margin = 0.1 * (w, h)[axis]
-            if len(group) > 1 and all(sign * (_centre(o, axis) - _centre(target, axis)) > margin
-                                      for o in group[1:]):
-                out["position"] += [f"the {d} {words[0]}"] + [f"the {most} {d}" for most in words[1:]]
-        for mark in objects[1:]:  # a landmark with a description of its own
-            mark_keys = next((k for k in _SUBSETS[1:] if alike(mark, k) == [mark]), None)
-            others = [o for o in group[1:] if o is not mark]
-            if mark_keys is None or not others:  # no landmark, or the relation is not needed
-                continue
-            for words, axis, sign in _RELATIONS:
-                # the target lies wholly beyond the landmark's edge; no look-alike has its centre past the
-                # landmark's centre on that side
-                t_edge, m_edge = target["box"][axis + 2 * (sign > 0)], mark["box"][axis + 2 * (sign < 0)]
-                if sign * (m_edge - t_edge) >= 0 and all(sign * (_centre(o, axis) - _centre(mark, axis)) >= 0
-                                                         for o in others):
-                    out["relation"].append(f"the {d} {words} the {_describe(mark, mark_keys)}")
-    return {k: v for k, v in out.items() if v}
+    """Write a BERT vocab.txt with every word the synthetic world says; returns its path."""
+    return write_vocab(directory, shapes.WORDS)
 
 
 class ShapesWorld(GroundingDataset):
-    """A procedurally generated referring-expression dataset: 2-5 coloured shapes on a muted background,
-    and an expression that singles one out by its attributes ("the small red circle"), by its position
-    among look-alikes ("the blue square on the left", "the leftmost circle") or relative to a landmark
-    ("the triangle above the green circle"). Distractors copy each of the target's attributes with
-    probability 1/2, so the words matter. Sample i of a split is a pure function of (seed, split, i);
-    images have long side image_size and a short side of 62.5-100% of it, so the padding varies."""
+    """shapes.py's synthetic referring-expression world as a dataset: sample i of a split is
+    shapes.scene(seed, split, i, image_size), drawn and put through the same transforms as a real image."""
 
     def __init__(self, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int, seed: int = 0,
                  size: int | None = None, image_size: int = 128):
         super().__init__("shapes", split, tokenizer, train=train, imsize=imsize, max_query_len=max_query_len)
         self.seed, self.image_size = seed, image_size
-        self.size = _SHAPES_SPLITS[split][1] if size is None else size
+        self.size = shapes.SPLITS[split][1] if size is None else size
 
     def __len__(self) -> int:
         return self.size
 
     def scene(self, i: int) -> dict:
-        """height, width, background (r, g, b), objects (dicts: size, colour, shape, side, xy, box = tight
-        xyxy pixels; the target first) and the expression."""
         if not 0 <= i < self.size:
             raise IndexError(f"shapes {self.split}: index {i} outside [0, {self.size})")
-        rng = random.Random((self.seed * 4 + _SHAPES_SPLITS[self.split][0]) << 32 | i)
-        while True:  # redrawn (rarely) when nothing singles the target out, e.g. twins side by side
-            long, short = self.image_size, round(self.image_size * rng.choice((1.0, 0.875, 0.75, 0.625)))
-            h, w = (long, short) if rng.random() < 0.5 else (short, long)
-            objects = self._place(rng, h, w)
-            exprs = _expressions(objects, h, w)
-            if exprs:
-                text = rng.choice(exprs[rng.choice(sorted(exprs))])  # kind first, so that each kind is common
-                background = tuple(rng.randint(100, 200) for _ in range(3))
-                return {"height": h, "width": w, "background": background, "objects": objects, "text": text}
-
-    @staticmethod
-    def _place(rng: random.Random, h: int, w: int) -> list[dict]:
-        target = {a: rng.choice(c) for a, c in _CHOICES.items()}
-        objects = []
-        for k in range(rng.randint(2, 5)):
-            obj = dict(target) if k == 0 else {a: target[a] if rng.random() < 0.5 else rng.choice(c)
-                                               for a, c in _CHOICES.items()}
-            side = round(max(h, w) * rng.uniform(*SIZES[obj["size"]]))
-            for _ in range(30):  # rejection sampling, 2 px apart; an object that finds no room is left out
-                x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-                if all(x >= o["xy"][0] + o["side"] + 2 or o["xy"][0] >= x + side + 2 or
-                       y >= o["xy"][1] + o["side"] + 2 or o["xy"][1] >= y + side + 2 for o in objects):
-                    tx1, ty1, tx2, ty2 = _shape_mask(obj["shape"], side)[1]
-                    box = (x + tx1, y + ty1, x + tx2, y + ty2)
-                    objects.append({**obj, "side": side, "xy": (x, y), "box": box})
-                    break
-        return objects
+        return shapes.scene(self.seed, self.split, i, self.image_size)
 
     def load(self, i: int):
         sc = self.scene(i)
-        # (h, w, 3) then permuted: the channels-last layout torchvision's fast uint8 resize wants
-        img = torch.empty(sc["height"], sc["width"], 3, dtype=torch.uint8)
-        img[:] = torch.tensor(sc["background"], dtype=torch.uint8)
-        for o in sc["objects"]:
-            (x, y), s = o["xy"], o["side"]
-            colour = torch.tensor(COLOURS[o["colour"]], dtype=torch.uint8)
-            img[y:y + s, x:x + s][_shape_mask(o["shape"], s)[0]] = colour
-        return img.permute(2, 0, 1), torch.tensor(sc["objects"][0]["box"], dtype=torch.float32), sc["text"]
+        return shapes.draw(sc), torch.tensor(sc["objects"][0]["box"], dtype=torch.float32), sc["text"]
 
 
 def make_dataset(name: str, split: str, tokenizer, *, train: bool, imsize: int = 640, max_query_len: int = 20,

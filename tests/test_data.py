@@ -13,6 +13,7 @@ import torch
 from PIL import Image  # test-only: writes the odd image modes (CMYK, palette, ...) torchvision cannot encode
 
 import data
+import shapes
 
 S = 96  # a small canvas keeps the transform tests fast
 
@@ -376,8 +377,8 @@ def parse_description(words):
     assert noun in NOUNS, words
     d = {"shape": noun} if noun != "shape" else {}
     for a in adjs:
-        d["size" if a in data.SIZES else "colour"] = a
-        assert a in data.SIZES or a in data.COLOURS, words
+        d["size" if a in shapes.SIZES else "colour"] = a
+        assert a in shapes.SIZES or a in shapes.COLOURS, words
     return d
 
 

@@ -1,7 +1,7 @@
 """Benchmarks: each section prints its numbers, the machine and the setting.
 
     python bench.py                                   # model: train step and forward, CPU fp32, batch 2
-    python bench.py --device cuda --dtype bf16 --batch_size 8 --compile --channels_last
+    python bench.py --device cuda --dtype bfloat16 --batch_size 8 --compile --channels_last
     python bench.py --teacher                         # + the CLIP teacher: its share of the train step
     python bench.py --data                            # data pipeline: images/s per core, train and eval
 
@@ -19,23 +19,23 @@ unc/unc_val.pth, TransVG's tuple format), time the official TransVGDataset.__get
     python bench.py --data --split_root <that folder> --tokenizer <folder with bert-base-uncased's vocab.txt>
 """
 
-
-import argparse
-import contextlib
 import os
 import platform
 import resource
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 import transformers
-from transformers import CLIPConfig, CLIPModel
 
-from clip_teacher import CLIPTeacher, save_word_tokenizer
+import data
+import transforms
+from clip_teacher import CLIPTeacher, save_random_clip
 from losses import distill_loss, total_loss
-from model import GroundingModel, ModelConfig
+from model import GroundingModel, ModelConfig, example_inputs
+from runtime import amp_dtype, autocast_for, parse_config, setup_device
 
 # bert-base-uncased's architecture, so the benchmark needs no download
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -45,20 +45,6 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from 
 
 # -----------------------------------------------------------------------------
 # model
-
-
-def fake_batch(cfg: ModelConfig, batch_size: int, device: torch.device) -> dict:
-    """Random inputs in the model's format; every other image has its bottom quarter padded."""
-    g = torch.Generator().manual_seed(0)
-    S, L = cfg.imsize, cfg.max_query_len
-    img_is_pad = torch.zeros(batch_size, S, S, dtype=torch.bool)
-    img_is_pad[::2, S * 3 // 4:] = True
-    attention_mask = torch.ones(batch_size, L, dtype=torch.long)
-    attention_mask[:, 12:] = 0
-    batch = dict(images=torch.randn(batch_size, 3, S, S, generator=g), img_is_pad=img_is_pad,
-                 input_ids=torch.randint(1000, 30000, (batch_size, L), generator=g) * attention_mask,
-                 attention_mask=attention_mask, target=torch.rand(batch_size, 4, generator=g) * 0.5 + 0.25)
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def timed(fn, warmup: int, reps: int, device: torch.device) -> float:
@@ -82,50 +68,48 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: process peak RSS
 
 
-def bench_model(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    cfg = ModelConfig(backbone=args.backbone, text_init="random", text_config=BERT_BASE)
+def bench_model(cfg: "BenchConfig", device: torch.device) -> dict:
+    mcfg = ModelConfig(backbone=cfg.backbone, text_init="random", text_config=BERT_BASE)
     torch.manual_seed(0)
-    model = GroundingModel(cfg).to(device)
-    if args.channels_last:
+    model = GroundingModel(mcfg).to(device)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
-    batch = fake_batch(cfg, args.batch_size, device)
-    if args.channels_last:
-        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
-    use_bf16 = args.dtype == "bf16"
-    if use_bf16 and device.type != "cuda":
-        raise SystemExit("--dtype bf16 is for CUDA only (bf16 autocast is off on CPU by design)")
-    autocast = torch.autocast("cuda", torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    teacher = build_teacher(args.teacher_name, device) if args.teacher else None
-    texts = ["man in red shirt on the left", "the second dog from right"] * args.batch_size
+    inputs = {k: v.to(device) for k, v in example_inputs(mcfg, cfg.batch_size).items()}
+    if cfg.channels_last:
+        inputs["images"] = inputs["images"].contiguous(memory_format=torch.channels_last)
+    target = (torch.rand(cfg.batch_size, 4, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25).to(device)
+    amp = amp_dtype(device, cfg.dtype)  # refuses bf16/fp16 off CUDA, with a message
+    teacher = build_teacher(cfg.teacher_name, device) if cfg.teacher else None
+    texts = ["man in red shirt on the left", "the second dog from right"] * cfg.batch_size
+    rgb = transforms.unnormalise(inputs["images"])
 
     def teacher_targets():
-        return teacher.targets(batch["images"], texts[:args.batch_size], model.distill_widths("loc1"))
+        return teacher.targets(rgb, texts[:cfg.batch_size], model.distill_widths("loc1"))
 
     def train_step():
         targets = teacher_targets() if teacher is not None else None
-        with autocast:
-            out = step_model(batch["images"], batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
+        with autocast_for(device, cfg.dtype):
+            out = step_model(**inputs)
         terms = distill_loss(out["distill"]["loc1"], targets) if targets is not None else {}
-        loss, _ = total_loss(out["pred_boxes"], batch["target"], distill_terms=terms)
+        loss, _ = total_loss(out["pred_boxes"], target, distill_terms=terms)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     @torch.inference_mode()
     def forward():
-        with autocast:
-            step_model(batch["images"], batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
+        with autocast_for(device, cfg.dtype):
+            step_model(**inputs)
 
     model.train()
-    results = {"train_s": timed(train_step, args.warmup, args.reps, device)}
+    results = {"train_s": timed(train_step, cfg.warmup, cfg.reps, device)}
     if teacher is not None:
-        results["teacher_s"] = timed(teacher_targets, args.warmup, args.reps, device)
+        results["teacher_s"] = timed(teacher_targets, cfg.warmup, cfg.reps, device)
     model.eval()
-    results["forward_s"] = timed(forward, args.warmup, args.reps, device)
+    results["forward_s"] = timed(forward, cfg.warmup, cfg.reps, device)
     results["peak_mem_gb"] = peak_memory_gb(device)
     if device.type == "cuda":
         from torch.utils.flop_counter import FlopCounterMode
@@ -136,7 +120,7 @@ def bench_model(args: argparse.Namespace) -> dict:
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         flops = counter.get_total_flops()
         results["tflops_per_step"] = flops / 1e12
-        if peak and use_bf16:
+        if peak and amp == torch.bfloat16:
             results["mfu"] = flops / results["train_s"] / (peak * 1e12)
     return results
 
@@ -146,21 +130,18 @@ def build_teacher(name: str, device: torch.device) -> CLIPTeacher:
     if os.path.isdir(name):
         return CLIPTeacher(name, device=device)
     with tempfile.TemporaryDirectory(prefix="bench_clip_") as directory:  # ~600 MB of random weights
-        return random_teacher(name, directory, device)
+        patch = 16 if "patch16" in name else 14 if "patch14" in name else 32
+        if "large" in name:  # ViT-L/14: 1024-wide vision, 768-wide text, 768-d embeddings
+            save_random_clip(directory, BENCH_WORDS, projection_dim=768,
+                             vision=dict(patch_size=patch, hidden_size=1024, intermediate_size=4096,
+                                         num_hidden_layers=24, num_attention_heads=16),
+                             text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12))
+        else:
+            save_random_clip(directory, BENCH_WORDS, vision=dict(patch_size=patch))
+        return CLIPTeacher(directory, device=device)
 
 
-def random_teacher(name: str, directory: str, device: torch.device) -> CLIPTeacher:
-    tokenizer = save_word_tokenizer(directory, "man in red shirt on the left second dog from right".split())
-    patch = 16 if "patch16" in name else 14 if "patch14" in name else 32
-    wide = "large" in name  # ViT-L/14: 1024-wide vision, 768-wide text, 768-d embeddings
-    vision = dict(patch_size=patch, **(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                             num_attention_heads=16) if wide else {}))
-    text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **(dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12) if wide else {}))
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768 if wide else 512)
-              ).save_pretrained(directory)
-    return CLIPTeacher(directory, device=device)
+BENCH_WORDS = "man in red shirt on the left second dog from right".split()
 
 
 # -----------------------------------------------------------------------------
@@ -211,8 +192,6 @@ def make_bench_split(root: str, n: int = 64, seed: int = 0) -> str:
 
 def _word_vocab_tokenizer(texts: list[str], directory: str):
     """A BERT tokenizer over the words of texts: runs offline, where no BERT vocab may be at hand."""
-    import data
-
     data.write_vocab(directory, sorted({w for t in texts for w in t.lower().replace(",", " ").split()}))
     return data.load_tokenizer(directory)
 
@@ -243,8 +222,6 @@ def bench_data(split_root: str | None = None, data_root: str = "ln_data", tokeni
                passes: int = 3, imsize: int = 640, n: int = 64) -> dict:
     """Median images/s of make_dataset("refcoco", ...)[i] over every i: the train transform on the
     train split, the eval transform on the val split; one thread (restored afterwards)."""
-    import data
-
     threads, tmp = torch.get_num_threads(), tempfile.TemporaryDirectory()
     torch.set_num_threads(1)
     try:
@@ -259,8 +236,8 @@ def bench_data(split_root: str | None = None, data_root: str = "ln_data", tokeni
             tok = data.load_tokenizer(tokenizer)
         results = {"cpu": _cpu_name(), "threads": 1, "imsize": imsize, "torch": torch.__version__}
         for key, split in (("train", "train"), ("eval", "val")):
-            ds = data.make_dataset("refcoco", split, tok, train=key == "train", imsize=imsize,
-                                   split_root=split_root, data_root=data_root)
+            ds = data.make_dataset(data.DataConfig("refcoco", split_root=split_root, data_root=data_root), split, tok,
+                                   train=key == "train", imsize=imsize)
             rates = _images_per_s(ds, passes)
             results[key] = statistics.median(rates)
             print(f"[{key}] {len(ds)} images, passes " + " ".join(f"{r:.1f}" for r in rates) +
@@ -283,41 +260,41 @@ def machine(device: torch.device) -> str:
     return f"{_cpu_name()}, {torch.get_num_threads()} threads"
 
 
+@dataclass
+class BenchConfig:
+    device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+    dtype: str = "float32"  # float32, or bfloat16 / float16 autocast (CUDA only); fp32, bf16, fp16 also accepted
+    batch_size: int = 2  # images per step
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # channels_last memory format for the ResNet
+    backbone: str = "resnet50"  # the student's ResNet (the paper: resnet50, resnet101)
+    teacher: bool = False  # add the CLIP teacher to the train step and time its share
+    teacher_name: str = "openai/clip-vit-base-patch16"  # real CLIP weights (a folder), or a hub name: its shape, random
+    warmup: int = 1  # untimed calls first
+    reps: int = 3  # timed calls; the median is printed
+    threads: int = 0  # CPU threads (0 = torch's default)
+    data: bool = False  # time the data pipeline instead of the model
+    split_root: str = ""  # --data: folder holding unc/unc_{train,val}.pth (default: generate them)
+    data_root: str = "ln_data"  # --data: image root for relative paths in the split files
+    tokenizer: str = ""  # --data: BERT hub name or folder with vocab.txt (default: a word vocab of the phrases)
+    imsize: int = 640  # --data: canvas side
+    passes: int = 3  # --data: timed passes over the images; prints the median
+    n: int = 64  # --data: images to generate when --split_root is not given
+
+
 def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch_size", type=int, default=2)
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, CUDA only")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--channels_last", action="store_true")
-    ap.add_argument("--backbone", default="resnet50")
-    ap.add_argument("--teacher", action="store_true", help="add the CLIP teacher to the train step")
-    ap.add_argument("--teacher_name", default="openai/clip-vit-base-patch16",
-                    help="a directory of real CLIP weights, or a hub name whose shape is built with random weights")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--data", action="store_true", help="time the data pipeline instead of the model")
-    ap.add_argument("--split_root", default=None,
-                    help="--data: folder holding unc/unc_{train,val}.pth (default: generate them)")
-    ap.add_argument("--data_root", default="ln_data", help="--data: image root for relative paths in the split files")
-    ap.add_argument("--tokenizer", default=None,
-                    help="--data: BERT hub name or folder with vocab.txt (default: a word vocab of the phrases)")
-    ap.add_argument("--imsize", type=int, default=640, help="--data: canvas side")
-    ap.add_argument("--passes", type=int, default=3, help="--data: timed passes over the images; prints the median")
-    ap.add_argument("--n", type=int, default=64, help="--data: images to generate when --split_root is not given")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    args = ap.parse_args(argv)
-    if args.data:
-        return {"data": bench_data(args.split_root, args.data_root, args.tokenizer, args.passes, args.imsize,
-                                   args.n)}
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    r = bench_model(args)
-    B = args.batch_size
-    print(f"machine: {machine(device)} | torch {torch.__version__} | {args.backbone}, batch {B}, {args.dtype}"
-          f"{', compile' if args.compile else ''}{', channels_last' if args.channels_last else ''}")
+    cfg, = parse_config(argv, [BenchConfig], description=__doc__)
+    if cfg.data:
+        return {"data": bench_data(cfg.split_root or None, cfg.data_root, cfg.tokenizer or None, cfg.passes,
+                                   cfg.imsize, cfg.n)}
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = setup_device(cfg.device).device
+    r = bench_model(cfg, device)
+    B = cfg.batch_size
+    print(f"machine: {machine(device)} | torch {torch.__version__} | {cfg.backbone}, batch {B}, {cfg.dtype}"
+          f"{', compile' if cfg.compile else ''}{', channels_last' if cfg.channels_last else ''}")
     print(f"train step : {r['train_s'] * 1e3:9.1f} ms/step  {B / r['train_s']:8.2f} images/s")
     print(f"forward    : {r['forward_s'] * 1e3:9.1f} ms/step  {B / r['forward_s']:8.2f} images/s")
     if "teacher_s" in r:

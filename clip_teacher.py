@@ -19,7 +19,8 @@ Choices the paper leaves open, and ours
     L2-normalised: the cosine loss ignores scale and the pooling is linear, so only the L1 variant
     (Table 3 #2) would see a difference, and the paper does not say it normalises.
   - Image input: the student's augmented canvas itself (same crop, flip, colour jitter), so teacher
-    and student see one picture. We undo the ImageNet normalisation, resize the square canvas to CLIP's
+    and student see one picture. The caller undoes the student's ImageNet normalisation (transforms.unnormalise,
+    so that data.py stays the one place that defines it) and passes RGB in [0,1]; we resize it to CLIP's
     input size (bicubic with antialias, like CLIP's processor; no centre crop, which could cut out the
     referred object), clamp to [0,1] as CLIP's uint8 pipeline does, then apply CLIP's own mean/std
     (from the checkpoint's preprocessor_config.json, else OpenAI's), because that is what CLIP was
@@ -39,22 +40,13 @@ Choices the paper leaves open, and ours
     mode would change nothing there, and for a config with dropout eval keeps the targets noise-free.
   - Text cache (opt-in, frozen only): exact string keys, LRU with a fixed number of entries.
 
-The synthetic world has no CLIP, so `python clip_teacher.py` trains a small one on it with CLIP's own
-objective (symmetric cross-entropy over image-text similarities) and saves it like a hub model; train.py
-does this when the toy teacher is missing. Only that part imports from the project, inside the functions (data.py
-for the world, evaluate.py for the command line); the teacher itself imports nothing from it.
+This file imports nothing from the project (the synthetic world's toy CLIP is trained by toy.py).
 """
 
 import hashlib
 import html
-import json
-import math
-import os
-import tempfile
-import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -62,12 +54,7 @@ import ftfy
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-from transformers.image_utils import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import cached_file
 
 DEFAULT_TEACHER = "openai/clip-vit-base-patch16"
@@ -137,7 +124,6 @@ class CLIPTeacher:
         def channels(v):  # (3,) -> (1,3,1,1) fp32 on the device
             return torch.tensor(v, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
-        self._in_mean, self._in_std = channels(IMAGENET_DEFAULT_MEAN), channels(IMAGENET_DEFAULT_STD)
         self._clip_mean, self._clip_std = channels(clip_mean), channels(clip_std)
         cfg = self.model.config
         # A directory without tokenizer files still "loads" a 2-token tokenizer, and a wrong end-token id
@@ -203,19 +189,19 @@ class CLIPTeacher:
         # student loss may need (e.g. a product with the target); the copy is an ordinary tensor.
         return emb.to(torch.float32, copy=True)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,S,S) ImageNet-normalised canvas -> (B,3,R,R) CLIP pixel_values (module docstring)."""
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
-            raise ValueError(f"CLIPTeacher expects a square canvas (B,3,S,S), got {tuple(images.shape)}")
-        rgb = images.to(self.device, torch.float32) * self._in_std + self._in_mean  # (B,3,S,S) in [0,1]
+    def preprocess(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) RGB canvas in [0,1] -> (B,3,R,R) CLIP pixel_values (module docstring)."""
+        if rgb.dim() != 4 or rgb.shape[1] != 3 or rgb.shape[2] != rgb.shape[3]:
+            raise ValueError(f"CLIPTeacher expects a square canvas (B,3,S,S), got {tuple(rgb.shape)}")
+        rgb = rgb.to(self.device, torch.float32)
         size = (self.image_size, self.image_size)
         rgb = F.interpolate(rgb, size=size, mode="bicubic", antialias=True, align_corners=False)  # (B,3,R,R)
         rgb = rgb.clamp(0.0, 1.0)  # bicubic overshoots at edges; CLIP's processor saturates via uint8
         return (rgb - self._clip_mean) / self._clip_std  # (B,3,R,R)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """[DIE]: (B,3,S,S) ImageNet-normalised canvas -> (B,E) fp32 projected image embedding."""
-        return self._run(self.model.get_image_features, pixel_values=self.preprocess(images))
+    def encode_image(self, rgb: torch.Tensor) -> torch.Tensor:
+        """[DIE]: (B,3,S,S) RGB canvas in [0,1] -> (B,E) fp32 projected image embedding."""
+        return self._run(self.model.get_image_features, pixel_values=self.preprocess(rgb))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """CLIP BPE ids (B,L<=77) and attention_mask (1 = real token) on the device."""
@@ -245,17 +231,18 @@ class CLIPTeacher:
             self._cache.popitem(last=False)
         return torch.stack(rows)  # (B,E), a new tensor: callers cannot alter the cache
 
-    def targets(self, images: torch.Tensor, texts: list[str], widths: tuple[int | None, int | None]
+    def targets(self, rgb: torch.Tensor, texts: list[str], widths: tuple[int | None, int | None]
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Pooled ([DIE] (B,Cv), [DTE] (B,Ct)) for a location whose student widths are (Cv, Ct).
+        """Pooled ([DIE] (B,Cv), [DTE] (B,Ct)) for a location whose student widths are (Cv, Ct); rgb is the
+        student's canvas (B,3,S,S) with its normalisation undone (transforms.unnormalise), in [0,1].
 
         A width of None skips that tower and gives None: image-only or text-only distillation (Table 3
         #3, #4) then pays for one encoder only (the image tower is most of the teacher's cost).
         """
-        if len(texts) != images.shape[0]:
-            raise ValueError(f"CLIPTeacher.targets: {images.shape[0]} images but {len(texts)} texts")
+        if len(texts) != rgb.shape[0]:
+            raise ValueError(f"CLIPTeacher.targets: {rgb.shape[0]} images but {len(texts)} texts")
         img_width, txt_width = widths
-        img = None if img_width is None else adaptive_avg_pool(self.encode_image(images), img_width)
+        img = None if img_width is None else adaptive_avg_pool(self.encode_image(rgb), img_width)
         txt = None if txt_width is None else adaptive_avg_pool(self.encode_text(texts), txt_width)
         return img, txt
 
@@ -287,123 +274,16 @@ def save_word_tokenizer(directory: str | Path, words: list[str] = ()) -> CLIPTok
     return tokenizer
 
 
-# -----------------------------------------------------------------------------
-# a toy teacher for the synthetic world (python clip_teacher.py)
-
-
-@dataclass
-class ToyCLIPConfig:
-    out_dir: str = "out/shapes_clip"  # where the CLIP is saved (config, weights, tokenizer, metrics.json)
-    steps: int = 400  # contrastive training steps
-    batch_size: int = 64  # image-text pairs per step (the negatives of each pair)
-    lr: float = 1e-3  # AdamW, cosine decay to 0
-    image_size: int = 64  # CLIP's input: the student's canvas is resized to this
-    width: int = 128  # width of both towers
-    layers: int = 2  # transformer layers in each tower
-    embed_dim: int = 256  # projected embedding: pools to the toy student's width 128 by pairs, as 512 -> 256 does
-    imsize: int = 128  # the student's canvas side, which the teacher sees
-    shapes_image_size: int = 128  # long side of the world's images
-    eval_size: int = 512  # held-out val pairs for the retrieval accuracy
-    seed: int = 0  # initialisation and data order
-
-
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's objective: (B,E), (B,E) -> symmetric cross-entropy of the B x B cosine similarities (pair i is i)."""
-    logits = logit_scale.exp() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T  # (B,B)
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-def retrieval_accuracy(teacher: "CLIPTeacher", loader) -> float:
-    """Image -> text top-1 accuracy within each batch (%): a hit when the best-scoring expression is the image's
-    own (or the same words: the world repeats short expressions like "the red circle")."""
-    hits = total = 0
-    for batch in loader:
-        sims = teacher.encode_image(batch["image"]) @ F.normalize(teacher.encode_text(batch["text"]), dim=-1).T
-        best = sims.argmax(dim=1).tolist()
-        hits += sum(batch["text"][j] == t for j, t in zip(best, batch["text"]))
-        total += len(best)
-    return 100 * hits / total
-
-
-def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) -> dict:
-    """Train a small CLIPModel on (canvas, expression) pairs of the synthetic world; save it to cfg.out_dir.
-
-    It goes through CLIPTeacher's own preprocessing and tokenizer, so it is trained on exactly what it will see
-    as a teacher: the student's augmented canvas, resized to image_size, and the post-flip expression."""
-    from torch.utils.data import DataLoader
-
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    # built in a side folder and moved into place at the end: an interrupted build never looks like a teacher
-    partial = cfg.out_dir.rstrip("/") + ".partial"
-    tokenizer = save_word_tokenizer(partial, words)
-    tower = {"hidden_size": cfg.width, "intermediate_size": 2 * cfg.width, "num_hidden_layers": cfg.layers,
-             "num_attention_heads": 4}
-    config = CLIPConfig(projection_dim=cfg.embed_dim,
-                        text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 32,
-                                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                                     "pad_token_id": tokenizer.pad_token_id, **tower},
-                        vision_config={"image_size": cfg.image_size, "patch_size": 8, **tower})
-    CLIPModel(config).save_pretrained(partial)
-    teacher = CLIPTeacher(partial, device="cpu", trainable=True)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.1)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed),
-                        collate_fn=lambda b: {"image": torch.stack([s["image"] for s in b]), "text": [s["text"] for s in b]})
-    model, step, losses = teacher.model, 0, []
-    while step < cfg.steps:
-        for batch in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            image = model.get_image_features(pixel_values=teacher.preprocess(batch["image"])).pooler_output
-            text = model.get_text_features(**teacher.tokenize(batch["text"])).pooler_output
-            loss = contrastive_loss(image, text, model.logit_scale)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            if step % 50 == 0 or step == cfg.steps:
-                print(f"toy CLIP step {step}/{cfg.steps}: contrastive loss {sum(losses[-50:]) / len(losses[-50:]):.3f}",
-                      flush=True)
-            if step == cfg.steps:
-                break
-    model.save_pretrained(partial)
-    os.replace(partial, cfg.out_dir)
-    frozen = CLIPTeacher(cfg.out_dir, device="cpu")
-    eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=loader.collate_fn)
-    metrics = {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]),
-               "val_image_to_text_top1": retrieval_accuracy(frozen, eval_loader),
-               "chance_top1": 100 / cfg.batch_size, "seconds": time.time() - t0, "config": asdict(cfg)}
-    with open(Path(cfg.out_dir) / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=1)
-    print(f"toy CLIP teacher saved to {cfg.out_dir} in {metrics['seconds']:.0f} s: contrastive loss "
-          f"{metrics['first_loss']:.2f} -> {metrics['last_loss']:.2f}; held-out image->text top-1 among "
-          f"{cfg.batch_size}: {metrics['val_image_to_text_top1']:.1f}% (chance {metrics['chance_top1']:.1f}%)")
-    return metrics
-
-
-def build_toy_teacher(cfg: ToyCLIPConfig) -> dict:
-    """The synthetic world's train/val splits as the student sees them, then train_toy_clip."""
-    import data  # the world the toy teacher learns
-
-    with tempfile.TemporaryDirectory() as vocab_dir:  # the samples carry BERT ids too, which the teacher ignores
-        data.write_shapes_vocab(vocab_dir)
-        tokenizer = data.load_tokenizer(vocab_dir)
-    words = [w for w in tokenizer.vocab if not w.startswith("[")]
-    kw = {"imsize": cfg.imsize, "max_query_len": 16, "image_size": cfg.shapes_image_size}
-    train_set = data.make_dataset("shapes", "train", tokenizer, train=True, **kw)
-    eval_set = data.make_dataset("shapes", "val", tokenizer, train=False, size=cfg.eval_size, **kw)
-    return train_toy_clip(cfg, train_set, eval_set, words)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from evaluate import parse_config  # the project's dataclass command line
-
-    cfg, = parse_config(argv, [ToyCLIPConfig], description="Train the synthetic world's toy CLIP teacher.")
-    return build_toy_teacher(cfg)
-
-
-if __name__ == "__main__":
-    main()
+def save_random_clip(directory: str | Path, words: list[str] = (), *, projection_dim: int = 512,
+                     vision: dict | None = None, text: dict | None = None) -> CLIPTokenizer:
+    """Save a CLIPModel with random weights (torch's global RNG) and a save_word_tokenizer tokenizer to directory,
+    like a hub model without a preprocessor config: for tests, benchmarks and the synthetic world's toy teacher,
+    where no real CLIP can be downloaded. vision / text: CLIPVisionConfig / CLIPTextConfig fields on top of
+    transformers' defaults (ViT-B/32's shape); the text tower's vocabulary and special ids come from the tokenizer."""
+    tokenizer = save_word_tokenizer(directory, words)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = CLIPConfig(projection_dim=projection_dim, text_config={**ids, **(text or {})},
+                        vision_config=dict(vision or {}))
+    CLIPModel(config).save_pretrained(str(directory))
+    return tokenizer

@@ -13,18 +13,11 @@ We also report Acc@0.75 and the mean IoU.
 
 Layers (house rule R16): hit_counts/summarise are pure; evaluate(model, dataset) shards the split over ranks
 without padding and all-reduces the counts, so the numbers are exact for any world size; main() is the CLI.
-This file also holds the two pieces of runtime that train.py shares (it imports this file): the dataclass
-command line (parse_config) and the device/process-group setup (setup_device).
+train.py calls the same evaluate().
 """
 
-import argparse
-import contextlib
-import dataclasses
-import inspect
 import json
 import os
-import re
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,111 +28,11 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
 import data
+import transforms
+from interop import load_model
 from losses import paired_iou_xyxy
 from model import GroundingModel, read_checkpoint
-
-# -----------------------------------------------------------------------------
-# command line from dataclasses (shared with train.py)
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """The trailing '# comment' of each dataclass field, used as its --help text."""
-    found = (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
-    return {m[1]: m[2] for m in found if m}
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def parse_config(argv: list[str] | None, types: list[type], presets: dict[str, dict] | None = None,
-                 description: str = "") -> list:
-    """Build one instance of each dataclass in types from argv: --key value or --key=value for every field,
-    converted by the field's type (--epochs=1e4 is an error, --lr=1 is 1.0), unknown keys refused.
-    presets: {dataset name: {field: value}} applied between the dataclass defaults and the command line."""
-    owner = {f.name: cls for cls in types for f in dataclasses.fields(cls)}
-
-    def build(add_help: bool) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(description=description, allow_abbrev=False, add_help=add_help,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        for cls in types:
-            comments = field_comments(cls)
-            for f in dataclasses.fields(cls):
-                kind = {bool: _parse_bool, int: int, float: float, str: str}.get(f.type, json.loads)  # dicts: JSON
-                extra = {"nargs": "?", "const": True} if f.type is bool else {}
-                parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.name.upper(),
-                                    help=f"{comments.get(f.name, '')} (default: %(default)s)", **extra)
-        return parser
-
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build(add_help=True)
-    if presets:  # read --dataset first (without --help, which would exit), so that --help shows the preset's values
-        known, _ = build(add_help=False).parse_known_args(argv)
-        parser.set_defaults(**presets.get(getattr(known, "dataset", ""), {}))
-    args = vars(parser.parse_args(argv))
-    return [cls(**{k: v for k, v in args.items() if owner[k] is cls}) for cls in types]
-
-
-# -----------------------------------------------------------------------------
-# devices and processes (shared with train.py)
-
-
-@dataclass(frozen=True)
-class DeviceEnv:
-    device: torch.device
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_device(device: str = "auto") -> DeviceEnv:
-    """Pick the device (cuda > mps > cpu unless told) and, under torchrun, join the process group:
-    NCCL on CUDA, gloo on CPU (so a 2-process CPU run works on a laptop)."""
-    ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # set by torchrun
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DeviceEnv(dev, ddp, rank, local_rank, world)
-
-
-def print0(*args, **kwargs) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def amp_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
-    """The autocast dtype (None = fp32) for --dtype auto|float32|bfloat16|float16 (house rule R6): autocast on CUDA
-    only; auto = bf16 on GPUs that support it (Ampere and later), fp32 elsewhere."""
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if device.type != "cuda":
-        if dtype in ("bfloat16", "float16"):
-            raise ValueError(f"--dtype {dtype} needs CUDA: on {device.type} everything runs in float32")
-        return None
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def autocast_for(device: torch.device, dtype: str = "auto"):
-    """The autocast context for amp_dtype(device, dtype), or a no-op. Losses and box maths stay fp32 regardless."""
-    amp = amp_dtype(device, dtype)
-    return torch.autocast("cuda", amp) if amp is not None else contextlib.nullcontext()
-
+from runtime import autocast_for, parse_config, print0, setup_device
 
 # -----------------------------------------------------------------------------
 # metrics (pure)
@@ -161,7 +54,7 @@ def summarise(counts: torch.Tensor) -> dict[str, float]:
 def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, pad_offset: torch.Tensor
                    ) -> torch.Tensor:
     """(B,4) normalised canvas boxes -> (B,4) xyxy original pixels, clamped to the canvas like TransVG's eval."""
-    boxes = data.canvas_to_original_xyxy(pred_cxcywh.float(), imsize, scale, pad_offset)
+    boxes = transforms.canvas_to_original_xyxy(pred_cxcywh.float(), imsize, scale, pad_offset)
     low = (-pad_offset / scale).repeat(1, 2)  # the canvas corners, in original pixels
     high = ((imsize - pad_offset) / scale).repeat(1, 2)
     return torch.max(torch.min(boxes, high), low)
@@ -275,17 +168,15 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
         print0(f"{split:<10} {m['n']:>7} {m['acc@0.5']:>8.2f} {m['acc@0.75']:>9.2f} {m['miou']:>7.3f}")
 
 
-def dataset_for(name: str, split: str, tokenizer, model_cfg, train_cfg: dict, split_root: str = "",
-                data_root: str = "", train: bool = False) -> torch.utils.data.Dataset:
-    """The dataset a model with model_cfg reads, with the run's (train_cfg's) folders and, for shapes, its world
-    settings; eval transform unless train."""
-    size = train_cfg.get("shapes_train_size" if split == "train" else "shapes_eval_size") or None
-    return data.make_dataset(name, split, tokenizer, train=train, imsize=model_cfg.imsize,
-                             max_query_len=model_cfg.max_query_len,
-                             split_root=split_root or train_cfg.get("split_root", "data"),
-                             data_root=data_root or train_cfg.get("data_root", "ln_data"),
-                             image_size=train_cfg.get("shapes_image_size", 128), size=size,
-                             drop_invalid=train_cfg.get("drop_invalid", False))
+def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
+    """The data settings of the run that wrote ckpt, with --dataset, --split_root and --data_root on top when
+    given. A TransVG checkpoint has none, but names its dataset by the split folder (unc, gref_umd, ...)."""
+    saved = dict(ckpt.get("data_config") or {})
+    if not saved:
+        folders = {info.folder: name for name, info in data.DATASETS.items() if info.folder}
+        saved["dataset"] = folders.get((ckpt.get("args") or {}).get("dataset"), "")
+    given = {k: getattr(cfg, k) for k in ("dataset", "split_root", "data_root") if getattr(cfg, k)}
+    return data.DataConfig(**{**saved, **given})
 
 
 @torch.no_grad()
@@ -297,7 +188,7 @@ def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device
     image = data.read_image(path)
     H, W = image.shape[1:]
     # no ground truth here: the whole image stands in for the box the transform carries along
-    sample = data.transform_sample(image, torch.tensor([0.0, 0.0, W, H]), text.lower(), train=False,
+    sample = transforms.transform_sample(image, torch.tensor([0.0, 0.0, W, H]), text.lower(), train=False,
                                    imsize=model.cfg.imsize)
     ids, mask = data.tokenize(data.make_encoder(tokenizer, model.cfg.max_query_len), sample["text"])
     batch = data.collate([{**sample, "input_ids": ids, "attention_mask": mask}])
@@ -321,20 +212,19 @@ def main(argv: list[str] | None = None) -> dict:
     env = setup_device(cfg.device)
     try:
         ckpt = read_checkpoint(cfg.ckpt)
-        model = GroundingModel.from_checkpoint(cfg.ckpt, env.device, ckpt=ckpt)
-        train_cfg = ckpt.get("train_config") or {}
+        model = load_model(cfg.ckpt, env.device, ckpt=ckpt)
         tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
         out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "vis")
         if cfg.image:
             return predict_image(model, tokenizer, cfg.image, cfg.text, env.device, out_dir, cfg.dtype)
-        # TransVG checkpoints name their dataset by its split folder (unc, gref_umd, ...)
-        folders = {info.folder: name for name, info in data.DATASETS.items() if info.folder}
-        name = cfg.dataset or train_cfg.get("dataset") or folders.get((ckpt.get("args") or {}).get("dataset"))
+        dcfg = run_data_config(ckpt, cfg)
+        name = dcfg.dataset
         if name not in data.DATASETS:
             raise SystemExit(f"evaluate.py: which dataset? pass --dataset ({', '.join(data.DATASETS)})")
         results = {}
         for split in [cfg.split] if cfg.split else data.DATASETS[name].eval_splits:
-            dataset = dataset_for(name, split, tokenizer, model.cfg, train_cfg, cfg.split_root, cfg.data_root)
+            dataset = data.make_dataset(dcfg, split, tokenizer, train=False, imsize=model.cfg.imsize,
+                                        max_query_len=model.cfg.max_query_len)
             results[split], records = evaluate(model, dataset, env.device, cfg.batch_size, cfg.num_workers,
                                                keep_records=cfg.vis > 0, dtype=cfg.dtype)
             if cfg.vis and env.is_master:

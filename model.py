@@ -1,4 +1,4 @@
-"""The student: TransVG's grounding model (paper sec. 3.1), and loading of DETR/TransVG/our checkpoints.
+"""The student: TransVG's grounding model (paper sec. 3.1), our checkpoints, and DETR / ResNet initialisation.
 
     image (B,3,S,S) -> ResNet -> 1x1 conv -> + sine position -> DETR encoder ----> visual_proj -+
                                                                                                  +-> [REG | visual | text]
@@ -14,10 +14,10 @@ References
 Shape letters: B batch, S canvas side (ModelConfig.imsize), h x w feature map, N = h*w visual tokens,
 L text tokens (max_query_len), D fusion width (256), H BERT width (768), C ResNet channels (2048).
 
-Differences from the official code, all numerically neutral (checked against it, see load_transvg):
+Differences from the official code, all numerically neutral (checked against it: interop.py, the README):
   - the fusion sequence is in the paper's order [REG, visual, text] (eq. 1); TransVG uses [REG, text, visual].
     Attention is permutation-equivariant once each token carries its own position embedding, so only the rows of
-    the learned position table move; load_transvg reorders them.
+    the learned position table move; interop.transvg_to_ours reorders them.
   - BERT has no pooler: TransVG never uses it, and its unused parameters would force DDP's find_unused_parameters.
   - attention runs through nn.MultiheadAttention with need_weights=False, i.e. F.scaled_dot_product_attention.
 """
@@ -159,9 +159,13 @@ def build_bert(cfg: ModelConfig) -> BertModel:
         config._attn_implementation = "sdpa"  # what from_pretrained's attn_implementation argument sets
         return BertModel(config, add_pooling_layer=False)
     except OSError as e:
-        raise OSError(f"could not load the BERT text encoder {cfg.text_encoder!r}: {e}\nGive text_encoder a local "
-                      "directory with config.json, model weights and vocab.txt (e.g. a copy of bert-base-uncased) "
-                      "or set HF_HOME to a cache that holds it.") from e
+        raise bert_error(cfg, e) from e
+
+
+def bert_error(cfg: ModelConfig, e: OSError) -> OSError:
+    return OSError(f"could not load the BERT text encoder {cfg.text_encoder!r}: {e}\nGive text_encoder a local "
+                   "directory with config.json, model weights and vocab.txt (e.g. a copy of bert-base-uncased) "
+                   "or set HF_HOME to a cache that holds it.")
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +177,7 @@ class GroundingModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         D = cfg.hidden_dim
         self.stride = 16 if cfg.dilation else 32
         if cfg.imsize % self.stride:
@@ -184,10 +189,9 @@ class GroundingModel(nn.Module):
         self.cnn_channels = self.backbone.layer4[-1].conv1.in_channels  # C: 2048 (bottleneck) or 512 (basic)
         self.input_proj = nn.Conv2d(self.cnn_channels, D, kernel_size=1)
         self.visual_encoder = Encoder(cfg.enc_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
-        # linguistic branch; its resolved config goes into cfg so a checkpoint can rebuild it without the hub
+        # linguistic branch (train.py fills cfg.text_config first, resolve_text_config, so checkpoints rebuild it)
         self.text_encoder = build_bert(cfg)
         bert = self.text_encoder.config
-        self.cfg = replace(cfg, text_config={k: getattr(bert, k) for k in BERT_FIELDS})
         # fusion: projections to D, [REG], learned positions for [REG | N visual | L text], the transformer
         self.visual_proj = nn.Linear(D, D)
         self.text_proj = nn.Linear(bert.hidden_size, D)
@@ -260,21 +264,57 @@ class GroundingModel(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", ckpt: dict | None = None
                         ) -> "GroundingModel":
-        """Load one of our checkpoints (train.py) or an official TransVG one; returns the model in eval mode.
-        ckpt: the file's contents if the caller has already read them with read_checkpoint (no second read)."""
+        """The model one of our checkpoints (train.py) holds, built with no network access, in eval mode.
+        ckpt: the file's contents if the caller has already read them with read_checkpoint (no second read).
+        Official TransVG / QRNet checkpoints: interop.load_model."""
         ckpt = read_checkpoint(path) if ckpt is None else ckpt
         if "model_config" not in ckpt:
-            if "vl_pos_embed.weight" in ckpt.get("model", {}):
-                return transvg_model(ckpt, path).to(map_location).eval()
-            raise ValueError(f"{path}: neither our checkpoint (no 'model_config') nor TransVG's (no vl_pos_embed)")
-        cfg = ModelConfig(**{**ckpt["model_config"], "text_init": "random", "visual_init": "random"})
-        model = cls(cfg)
+            raise ValueError(f"{path}: not a checkpoint of train.py (no 'model_config'); interop.load_model also "
+                             f"reads the official TransVG and QRNet ones")
+        model = cls(ModelConfig(**{**ckpt["model_config"], "text_init": "random", "visual_init": "random"}))
         model.load_state_dict(ckpt["model"])
         return model.to(map_location).eval()
 
 
+def resolve_text_config(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
+    """cfg with text_config holding every BertConfig field that fixes BERT's shapes (BERT_FIELDS), so that a
+    checkpoint rebuilds its BERT offline. A pretrained BERT's come from text_encoder's config.json; a random
+    one's from the fields given, vocab_size (when they do not say) and BertConfig's defaults."""
+    try:
+        if cfg.text_init == "random" and cfg.text_config is not None:
+            bert = BertConfig(**{"vocab_size": vocab_size, **cfg.text_config} if vocab_size else cfg.text_config)
+        else:
+            bert = BertConfig.from_pretrained(cfg.text_encoder)
+    except OSError as e:
+        raise bert_error(cfg, e) from e
+    return replace(cfg, text_config={k: getattr(bert, k) for k in BERT_FIELDS})
+
+
+def example_inputs(cfg: ModelConfig, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs in forward's format, for tests and benchmarks: images (B,3,S,S) like a normalised canvas,
+    sample i % 3 == 1 with its right half padded and i % 3 == 2 its bottom quarter, token ids below the
+    vocabulary size, and sample 0 with 4 real tokens, the rest padding."""
+    g = torch.Generator().manual_seed(seed)
+    S, L = cfg.imsize, cfg.max_query_len
+    vocab = (cfg.text_config or {}).get("vocab_size") or BertConfig().vocab_size
+    img_is_pad = torch.zeros(batch_size, S, S, dtype=torch.bool)
+    img_is_pad[1::3, :, S // 2:] = True
+    img_is_pad[2::3, S * 3 // 4:, :] = True
+    attention_mask = torch.ones(batch_size, L, dtype=torch.long)
+    attention_mask[0, 4:] = 0
+    input_ids = torch.randint(5, vocab, (batch_size, L), generator=g) * attention_mask  # [PAD] = 0
+    return {"images": torch.randn(batch_size, 3, S, S, generator=g), "img_is_pad": img_is_pad,
+            "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and trainable parameter counts (FrozenBatchNorm statistics are buffers, not parameters)."""
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
 # -----------------------------------------------------------------------------
-# checkpoints: reading safely, DETR initialisation, TransVG interop
+# checkpoints: reading safely, renaming keys, DETR and ResNet initialisation
 
 
 def read_checkpoint(path: str) -> dict:
@@ -293,29 +333,45 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def rename_keys(sd: dict, prefixes: dict[str, str]) -> tuple[dict, list[str]]:
+    """Rename each key of a state dict by the first prefix of `prefixes` ({old: new}) it starts with.
+    Returns (renamed state dict, the keys no prefix matched)."""
+    renamed, unmatched = {}, []
+    for k, v in sd.items():
+        old = next((p for p in prefixes if k.startswith(p)), None)
+        if old is None:
+            unmatched.append(k)
+        else:
+            renamed[prefixes[old] + k[len(old):]] = v
+    return renamed, unmatched
+
+
+# DETR's names -> ours: the ResNet body, the 1x1 projection and the encoder; its decoder, queries and heads have
+# no counterpart. A torchvision ResNet's names -> ours: all but its classifier (fc.*).
+DETR_PREFIXES = {"backbone.0.body.": "backbone.", "input_proj.": "input_proj.",
+                 "transformer.encoder.layers.": "visual_encoder.layers."}
+RESNET_PREFIXES = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer": "backbone.layer"}
+
+
 def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[str]]:
     """Initialise the visual branch from a DETR checkpoint ({'model': {backbone.0.body.*, input_proj.*,
     transformer.encoder.*, ...}}) or a torchvision ResNet state dict (conv1.weight, layer1.*, ...).
     Returns {"loaded": [...], "ignored": [...]} and prints a summary; raises if the file does not fit the model."""
     ckpt = read_checkpoint(path)
     sd = ckpt.get("model", ckpt)
-    if any(k.startswith("backbone.0.body.") for k in sd):  # DETR
-        rename = {"backbone.0.body.": "backbone.", "input_proj.": "input_proj.",
-                  "transformer.encoder.layers.": "visual_encoder.layers."}
-        expected = ("backbone.", "input_proj.", "visual_encoder.")
-    elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:  # torchvision ResNet
-        rename, expected = {"": "backbone."}, ("backbone.",)
+    if any(k.startswith("backbone.0.body.") for k in sd):
+        prefixes, expected = DETR_PREFIXES, ("backbone.", "input_proj.", "visual_encoder.")
+    elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        prefixes, expected = RESNET_PREFIXES, ("backbone.",)
     else:
         raise ValueError(f"{path}: expected a DETR checkpoint (keys backbone.0.body.*, input_proj.*, "
                          f"transformer.encoder.*) or a torchvision ResNet state dict (conv1.weight, layer1.*); "
                          f"found keys like {sorted(sd)[:5]}")
-    mapped, ignored = {}, []
-    for k, v in sd.items():
-        new = next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), None)
-        (ignored.append(k) if new is None or k.endswith("num_batches_tracked") or new.startswith("backbone.fc.")
-         else mapped.__setitem__(new, v))
+    counters = [k for k in sd if k.endswith("num_batches_tracked")]  # BatchNorm's step counter, not a weight
+    mapped, ignored = rename_keys({k: v for k, v in sd.items() if k not in counters}, prefixes)
+    ignored += counters
     own = {k: v for k, v in model.state_dict().items()
-           if k.startswith(expected) and not k.endswith("num_batches_tracked")}  # BatchNorm's counter (trainable_bn)
+           if k.startswith(expected) and not k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(mapped))
     unexpected = sorted(set(mapped) - set(own))
     wrong = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)
@@ -326,116 +382,3 @@ def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[s
     print(f"visual branch: loaded {len(mapped)} tensors from {path}; ignored {len(ignored)} "
           f"(e.g. {sorted({k.split('.')[0] for k in ignored})})")
     return {"loaded": sorted(mapped), "ignored": sorted(ignored)}
-
-
-# TransVG key prefix -> ours. textmodel.bert.pooler.* has no counterpart (we drop the unused pooler).
-TRANSVG_PREFIXES = {
-    "visumodel.backbone.0.body.": "backbone.",
-    "visumodel.input_proj.": "input_proj.",
-    "visumodel.transformer.encoder.layers.": "visual_encoder.layers.",
-    "textmodel.bert.": "text_encoder.",
-    "vl_pos_embed.weight": "pos_embed",
-    "reg_token.weight": "reg_token",
-    "visu_proj.": "visual_proj.",
-    "text_proj.": "text_proj.",
-    "vl_transformer.encoder.layers.": "fusion.layers.",
-    "bbox_embed.layers.0.": "bbox_head.0.",
-    "bbox_embed.layers.1.": "bbox_head.2.",
-    "bbox_embed.layers.2.": "bbox_head.4.",
-}
-
-
-def _rename(sd: dict, prefixes: dict[str, str]) -> dict:
-    out = {}
-    for k, v in sd.items():
-        old = next((p for p in prefixes if k.startswith(p)), None)
-        if old is None:
-            raise KeyError(f"no mapping for key {k!r}")
-        out[prefixes[old] + k[len(old):]] = v
-    return out
-
-
-def transvg_to_ours(sd: dict, max_query_len: int) -> dict:
-    """Map an official TransVG state dict to ours: rename keys, drop BERT's pooler, and reorder the position rows
-    from TransVG's [REG, L text, N visual] to the paper's [REG, N visual, L text]."""
-    sd = _rename({k: v for k, v in sd.items() if not k.startswith("textmodel.bert.pooler.")}, TRANSVG_PREFIXES)
-    pos, L = sd["pos_embed"], max_query_len
-    sd["pos_embed"] = torch.cat([pos[:1], pos[1 + L:], pos[1:1 + L]])
-    return sd
-
-
-def ours_to_transvg(sd: dict, max_query_len: int) -> dict:
-    """The inverse of transvg_to_ours (without the pooler, which we never had)."""
-    sd = _rename(sd, {v: k for k, v in TRANSVG_PREFIXES.items()})
-    pos, L = sd["vl_pos_embed.weight"], max_query_len
-    sd["vl_pos_embed.weight"] = torch.cat([pos[:1], pos[-L:], pos[1:-L]])
-    return sd
-
-
-def transvg_config(sd: dict, args: dict) -> ModelConfig:
-    """Infer our ModelConfig from the shapes of an official TransVG state dict (args only fill what shapes can't)."""
-    def count(prefix):  # number of indexed blocks under a prefix, e.g. layer3.{0..22}
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-    body = "visumodel.backbone.0.body."
-    if any(k.startswith("visumodel.backbone.1.") for k in sd):
-        raise ValueError("TransVG checkpoints with --position_embedding learned are not supported (sine only)")
-    bottleneck = f"{body}layer1.0.conv3.weight" in sd
-    backbone = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}.get(
-        (bottleneck, count(f"{body}layer3.")))
-    if backbone is None:
-        raise ValueError(f"unrecognised ResNet in TransVG checkpoint ({count(body + 'layer3.')} layer3 blocks)")
-    word = sd["textmodel.bert.embeddings.word_embeddings.weight"]
-    hidden = word.shape[1]
-    # Rows of the position table = 1 + L + N_v with N_v = (imsize/stride)^2: the dilation that leaves a text length
-    # BERT can hold is the one the checkpoint was trained with.
-    rows, imsize = sd["vl_pos_embed.weight"].shape[0], int(args.get("imsize", 640))
-    max_pos = sd["textmodel.bert.embeddings.position_embeddings.weight"].shape[0]
-    fits = [(d, rows - 1 - (imsize // s) ** 2) for d, s in ((False, 32), (True, 16)) if bottleneck or not d]
-    fits = [(d, L) for d, L in fits if 2 <= L <= max_pos]
-    if len(fits) > 1 and "dilation" in args:  # only tiny models are ambiguous; then args decide
-        fits = [f for f in fits if f[0] == bool(args["dilation"])]
-    if len(fits) != 1:
-        raise ValueError(f"cannot infer dilation and max_query_len from {rows} position rows at imsize {imsize}")
-    dilation, max_query_len = fits[0]
-    for key, val in (("dilation", dilation), ("max_query_len", max_query_len)):
-        if key in args and args[key] != val:
-            raise ValueError(f"checkpoint args say {key}={args[key]} but its weights imply {val}")
-    text_config = {
-        "vocab_size": word.shape[0], "hidden_size": hidden,
-        "num_hidden_layers": count("textmodel.bert.encoder.layer."),
-        "num_attention_heads": hidden // 64,  # BERT's 64-d heads (base 12, large 16): not visible in the shapes
-        "intermediate_size": sd["textmodel.bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-        "hidden_act": "gelu", "max_position_embeddings": max_pos,
-        "type_vocab_size": sd["textmodel.bert.embeddings.token_type_embeddings.weight"].shape[0],
-        "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0,
-    }
-    return ModelConfig(
-        backbone=backbone, dilation=dilation, imsize=imsize, hidden_dim=sd["reg_token.weight"].shape[1],
-        nheads=int(args.get("vl_nheads", 8)), dropout=float(args.get("vl_dropout", 0.1)),
-        dim_feedforward=sd["vl_transformer.encoder.layers.0.linear1.weight"].shape[0],
-        enc_layers=count("visumodel.transformer.encoder.layers."), vl_layers=count("vl_transformer.encoder.layers."),
-        max_query_len=max_query_len, text_encoder=str(args.get("bert_model", "bert-base-uncased")),
-        text_init="random", text_config=text_config, visual_init="random")
-
-
-def load_transvg(path: str, map_location: str | torch.device = "cpu") -> GroundingModel:
-    """Build the GroundingModel matching an official TransVG checkpoint ({'model', 'args', ...}), with no network
-    access, load its weights strictly and return it in eval mode. Same pred_boxes as the official code."""
-    return transvg_model(read_checkpoint(path), path).to(map_location).eval()
-
-
-def transvg_model(ckpt: dict, path: str) -> GroundingModel:
-    sd, args = ckpt.get("model"), ckpt.get("args") or {}
-    if not isinstance(sd, dict) or "vl_pos_embed.weight" not in sd:
-        raise ValueError(f"{path}: not a TransVG checkpoint (expected a 'model' dict with vl_pos_embed.weight)")
-    cfg = transvg_config(sd, args)
-    model = GroundingModel(cfg)
-    model.load_state_dict(transvg_to_ours(sd, cfg.max_query_len), strict=True)
-    return model
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total and trainable parameter counts (FrozenBatchNorm statistics are buffers, not parameters)."""
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-

@@ -7,10 +7,10 @@
     python train.py --dataset refcoco --distill none             # the TransVG baseline ("w/o" rows)
     python train.py --resume out/refcoco/last.pt                 # continue exactly where it stopped
 
-Every field of TrainConfig and ModelConfig is a flag (--key value or --key=value; --help lists them). Per-dataset
-presets (PRESETS) hold the paper's recipe; flags override them. The body reads top to bottom: config, device,
-data, model, teacher, optimizer, resume, loop. Checkpoints are plain data (weights_only=True loads them), hold the
-student only (the teacher is stored by name), and are written atomically by rank 0.
+Every field of TrainConfig, DataConfig and ModelConfig is a flag (--key value or --key=value; --help lists them).
+Per-dataset presets (PRESETS) hold the paper's recipe; flags override them. train() reads top to bottom: config,
+device, data, model, teacher, optimizer, resume, loop. Checkpoints are plain data (weights_only=True loads them),
+hold the student only (the teacher is stored by name), and are written atomically by rank 0.
 
 References: EpmVG paper sec. 4.2; TransVG (github.com/djiajunustc/TransVG @ c862427) train.py and engine.py.
 """
@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,26 +27,35 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from clip_teacher import CLIPTeacher, ToyCLIPConfig, build_toy_teacher
-from evaluate import (
+import toy
+import transforms
+from clip_teacher import CLIPTeacher
+from evaluate import evaluate, print_table
+from losses import distill_loss, total_loss
+from model import GroundingModel, ModelConfig, count_parameters, read_checkpoint, resolve_text_config
+from runtime import (
     DeviceEnv,
+    EpochSeeded,
     amp_dtype,
     autocast_for,
-    dataset_for,
-    evaluate,
+    average_gradients,
+    epoch_indices,
+    git_sha,
+    merge_resumed,
     parse_config,
     print0,
-    print_table,
+    restore_rng,
+    rng_states,
+    save_atomic,
     setup_device,
+    sync_buffers,
 )
-from losses import distill_loss, total_loss
-from model import GroundingModel, ModelConfig, count_parameters, read_checkpoint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the data flags moved from train_config to data_config
 
 # -----------------------------------------------------------------------------
 # config
@@ -55,16 +63,9 @@ FORMAT_VERSION = 1
 
 @dataclass
 class TrainConfig:
-    dataset: str = "shapes"  # refcoco, refcoco+, refcocog, refcocog_google, referit, flickr30k, shapes (synthetic)
-    split_root: str = "data"  # TransVG split files: <split_root>/<unc|unc+|gref|gref_umd|referit|flickr>/
-    data_root: str = "ln_data"  # images in TransVG's ln_data/ layout
     train_split: str = "train"  # split to train on
     eval_split: str = "val"  # split for model selection during training (best.pt)
     augment: bool = True  # TransVG's train augmentation (scale, crop, colour, flip with word swap, translate)
-    drop_invalid: bool = False  # skip split-file entries with an empty expression or a zero-area box (warns)
-    shapes_train_size: int = 0  # shapes: generated training scenes (0 = data.py's default)
-    shapes_eval_size: int = 0  # shapes: scenes per val/test split (0 = data.py's default)
-    shapes_image_size: int = 128  # shapes: long side of the generated images, pixels
     epochs: int = 90  # paper: 90 (180 for RefCOCO+)
     lr_drop: int = 60  # every lr x0.1 from this epoch on (paper: 60; 120 for RefCOCO+)
     batch_size: int = 64  # global images per optimizer step (paper: 8 GPUs x 8)
@@ -102,24 +103,29 @@ class TrainConfig:
 
 
 # The paper's recipe per dataset: the DETR checkpoint of TransVG for the visual branch, pretrained BERT, TransVG's
-# query length (40 tokens for RefCOCOg), 180 epochs for RefCOCO+. DETR_FAMILY names TransVG's DETR checkpoint.
+# query length (40 tokens for RefCOCOg), 180 epochs for RefCOCO+. The synthetic world's preset lives in toy.py.
 PAPER = {"visual_init": "detr", "text_init": "pretrained", "text_encoder": "bert-base-uncased"}
 PRESETS = {name: {**PAPER, "max_query_len": info.max_query_len} for name, info in data.DATASETS.items()
            if name != "shapes"}
 PRESETS["refcoco+"].update(epochs=180, lr_drop=120)
-# The synthetic world, sized for a 2-core laptop CPU (8.5 minutes with its toy CLIP teacher, README): a ResNet-18 at
-# 128 px learned from scratch (so ordinary BatchNorm, trainable_bn), a tiny BERT over the world's 24 words, 2 + 2
-# transformer layers of width 128, 800 steps of 32 with the lr x0.1 for the last quarter. Data loading stays in the
-# main process: on 2 cores a worker process only competes with the model for them.
-TOY = dict(backbone="resnet18", trainable_bn=True, imsize=128, hidden_dim=128, nheads=4, dim_feedforward=256,
-           enc_layers=2, vl_layers=2, max_query_len=16, text_encoder="out/shapes_vocab", text_init="random",
-           text_config={"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "intermediate_size": 256, "max_position_embeddings": 32},
-           visual_init="random", teacher="out/shapes_clip", epochs=4, lr_drop=3, batch_size=32, micro_batch=32,
-           lr=2e-4, lr_visual=2e-4, lr_text=2e-4, shapes_train_size=6400, num_workers=0, eval_batch=64)
-PRESETS["shapes"] = TOY
-DETR_FAMILY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "gref", "refcocog_google": "gref",
-               "referit": "referit", "flickr30k": "referit"}
+PRESETS["shapes"] = toy.PRESET
+
+
+def resolve(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, vocab_size: int
+            ) -> tuple[TrainConfig, ModelConfig]:
+    """Fill what the flags leave implicit, once, before anything is built: the output folder, the DETR checkpoint
+    path and BERT's full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
+    cfg = replace(cfg, out_dir=cfg.out_dir or os.path.join("out", dcfg.dataset))
+    if mcfg.visual_init == "detr":
+        depth = "r101" if mcfg.backbone == "resnet101" else "r50"
+        path = os.path.join(cfg.checkpoint_dir, f"detr-{depth}-{data.DATASETS[dcfg.dataset].detr}.pth")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: the paper initialises the visual branch from TransVG's DETR checkpoints "
+                f"(COCO without the grounding val/test images; links in TransVG's README). Put it there, point "
+                f"--checkpoint_dir at it, or pass --visual_init imagenet|random|<path>.")
+        mcfg = replace(mcfg, visual_init=path)
+    return cfg, resolve_text_config(mcfg, vocab_size if mcfg.text_init == "random" else None)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -150,69 +156,110 @@ def param_groups(model: GroundingModel, teacher: CLIPTeacher | None, cfg: TrainC
 # data order: a pure function of (seed, epoch, rank), so a resumed run sees exactly the same samples
 
 
-class EpochSeeded(Dataset):
-    """Makes each sample's augmentation a function of (seed, epoch, index) instead of the worker and the order in
-    which samples are drawn: resuming mid-epoch, or changing num_workers, replays the very same crops and flips."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        sample_seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**62
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator, the one transforms use
-            torch.default_generator.manual_seed(sample_seed)  # not torch.manual_seed: it would reseed CUDA's too
-            random.seed(sample_seed)
-            try:
-                return self.dataset[i]
-            finally:
-                random.setstate(state)
-
-
-def epoch_indices(n: int, epoch: int, seed: int, rank: int, world: int, batch_size: int) -> torch.Tensor:
-    """This rank's sample indices for an epoch: one shuffle shared by all ranks (drop_last), each global batch
-    split into world_size contiguous slices. Shape (steps_per_epoch * batch_size / world,)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    steps = n // batch_size
-    return perm[: steps * batch_size].view(steps, world, -1)[:, rank].reshape(-1)
+def epoch_batches(train_set: EpochSeeded, step: int, steps_per_epoch: int, cfg: TrainConfig, env: DeviceEnv):
+    """An iterator over this rank's micro-batches from optimizer step `step` to the end of its epoch."""
+    epoch = step // steps_per_epoch
+    train_set.epoch = epoch
+    order = epoch_indices(len(train_set), epoch, cfg.seed, env.rank, env.world_size, cfg.batch_size)
+    order = order[(step % steps_per_epoch) * cfg.batch_size // env.world_size:]  # skip what a resume has done
+    # its own generator: a DataLoader otherwise draws its worker seed from the global RNG (dropout's stream)
+    return iter(DataLoader(train_set, batch_size=cfg.micro_batch, sampler=order.tolist(), collate_fn=data.collate,
+                           num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda", drop_last=True,
+                           generator=torch.Generator()))
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# one optimizer step, and when to evaluate
 
 
-def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temp file, then os.replace: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def eval_due(step: int, epoch_end: int, total_steps: int, eval_every: int) -> bool:
+    """After optimizer step `step`: every eval_every steps and at the very end, or (eval_every = 0) every epoch."""
+    return step % eval_every == 0 or step == total_steps if eval_every else step == epoch_end
 
 
-def average_gradients(params, world_size: int) -> None:
-    """All-reduce the gradients of parameters DDP does not manage, as one flat buffer (one collective, not one
-    per tensor), and divide by the world size, as DDP does for the student."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
-
-
-def git_sha() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def optimizer_step(model: torch.nn.Module, teacher: CLIPTeacher | None, widths: tuple, batches,
+                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr_scale: float, accum: int,
+                   cfg: TrainConfig, env: DeviceEnv, step: int) -> dict[str, float]:
+    """Forward, eq. 8 and backward on `accum` micro-batches (gradients all-reduced on the last one only), then the
+    update at lr x lr_scale. widths: what the teacher's targets are pooled to (None: that tower is not run).
+    Returns each loss term's mean over the global batch; a non-finite one stops the run before the update, on
+    every rank at once."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_scale
+    sums = {}
+    for micro in range(accum):
+        batch = {k: v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        images = batch["image"]
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with model.no_sync() if env.ddp and micro < accum - 1 else contextlib.nullcontext():
+            with autocast_for(env.device, cfg.dtype):
+                out = model(images, batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
+            distill_terms = {}
+            if teacher is not None:
+                targets = teacher.targets(transforms.unnormalise(images), batch["text"], widths)
+                distill_terms = distill_loss(out["distill"][cfg.distill_loc], targets, cfg.distill,
+                                             cfg.distill_modality, cfg.alpha, cfg.beta)
+            loss, terms = total_loss(out["pred_boxes"], batch["target"], cfg.box_loss, cfg.giou_weight,
+                                     distill_terms)
+            scaler.scale(loss / accum).backward()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach() / accum
+    values = torch.stack(list(sums.values())).float()  # one small all-reduce: the global mean, and NaN on all ranks
+    if env.ddp:
+        dist.all_reduce(values)
+        values /= env.world_size
+    terms = dict(zip(sums, values.tolist()))
+    if not all(math.isfinite(v) for v in terms.values()):
+        raise FloatingPointError(f"non-finite loss at optimizer step {step}: {terms}; stopped before the update, so "
+                                 f"{cfg.out_dir}/last.pt is the last good checkpoint")
+    if teacher is not None and cfg.teacher_trainable and env.ddp:
+        average_gradients(teacher.parameters(), env.world_size)  # the teacher is outside DDP
+    if cfg.clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return terms
 
 
 # -----------------------------------------------------------------------------
-# main
+# checkpoints and resume
+
+
+def save_checkpoint(path: str, model: GroundingModel, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, teacher: CLIPTeacher | None, configs: dict, step: int, epoch: int,
+                    best: float, env: DeviceEnv) -> None:
+    """Everything a resume needs, as plain data, written by rank 0 (all ranks must call: they gather RNG states).
+    model: the raw student (not DDP, not compiled); configs: {"train_config": ..., "data_config": ...,
+    "model_config": ...} as dicts. A trainable teacher's weights go beside it (path + ".teacher"), never inside."""
+    sync_buffers(model, env)
+    rng = rng_states(env)  # every rank's dropout stream: a resumed run continues each of them
+    if not env.is_master:
+        return
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step, "epoch": epoch,
+                 "best_metric": best, **configs,
+                 "teacher": None if teacher is None else {"name": teacher.name, "sha256": teacher.weights_sha256},
+                 "rng": rng,
+                 "git_sha": git_sha(), "format_version": FORMAT_VERSION}, path)
+    if teacher is not None and teacher.trainable:  # a tuned teacher is not ours to put in the student
+        save_atomic({"model": teacher.model.state_dict()}, path + ".teacher")
+
+
+def load_checkpoint(path: str, model: GroundingModel, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, teacher: CLIPTeacher | None, env: DeviceEnv) -> tuple[int, float]:
+    """Restore what save_checkpoint wrote (this rank's RNG streams included); returns (step, best metric)."""
+    ckpt = read_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], env)
+    if teacher is not None and teacher.trainable:
+        teacher.model.load_state_dict(read_checkpoint(path + ".teacher")["model"])
+    return ckpt["step"], ckpt["best_metric"]
 
 
 # What a resumed run may change: where and how fast it runs, when it stops and evaluates. Anything else would make
@@ -221,99 +268,63 @@ RESUME_MAY_CHANGE = {"resume", "max_steps", "out_dir", "device", "dtype", "compi
                      "micro_batch", "eval_every", "eval_batch", "final_eval", "checkpoint_dir"}
 
 
-def resume_config(cfg: TrainConfig, mcfg: ModelConfig, argv: list[str]) -> tuple[TrainConfig, ModelConfig]:
-    """--resume continues the checkpoint's run: its configs, with the flags given now on top, if they may change."""
-    ckpt = read_checkpoint(cfg.resume)
-    old_train, old_model = TrainConfig(**ckpt["train_config"]), ModelConfig(**ckpt["model_config"])
+def resume_configs(configs: list, argv: list[str]) -> list:
+    """--resume continues the checkpoint's run: its configs, with the flags given now on top if they may change.
+    configs: [TrainConfig, DataConfig, ModelConfig] as parsed; returns the same three, resumed."""
+    path = configs[0].resume
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"--resume {path}: format_version {ckpt.get('format_version')}, this train.py writes and "
+                         f"resumes {FORMAT_VERSION}")
+    saved = [ckpt[key] for key in ("train_config", "data_config", "model_config")]
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    new = {**asdict(cfg), **asdict(mcfg)}
-    old = {**asdict(old_train), **asdict(old_model)}
+    return merge_resumed(configs, saved, given, RESUME_MAY_CHANGE, f"--resume {path}")
 
-    def same(k: str) -> bool:  # the checkpoint holds the resolved BERT config, the flag may give part of it
-        if k == "text_config" and new[k] and old[k]:
-            return all(old[k].get(key) == value for key, value in new[k].items())
-        return new[k] == old[k]
 
-    changed = sorted(k for k in given - RESUME_MAY_CHANGE if not same(k))
-    if changed:
-        raise ValueError(f"--resume {cfg.resume}: {', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in changed)}: "
-                         f"a resumed run continues its checkpoint's run, so only {sorted(RESUME_MAY_CHANGE)} may "
-                         f"change; start a new run (--out_dir) to change the rest")
-    return (replace(old_train, **{k: new[k] for k in given if hasattr(old_train, k)}),
-            replace(old_model, **{k: new[k] for k in given if hasattr(old_model, k) and k != "text_config"}))
+# -----------------------------------------------------------------------------
+# the run
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     argv = sys.argv[1:] if argv is None else argv
-    cfg, mcfg = parse_config(argv, [TrainConfig, ModelConfig], PRESETS, __doc__)
-    if cfg.resume:
-        cfg, mcfg = resume_config(cfg, mcfg, argv)
-    env = setup_device(cfg.device)
+    configs = parse_config(argv, [TrainConfig, data.DataConfig, ModelConfig], PRESETS, __doc__)
+    if configs[0].resume:
+        configs = resume_configs(configs, argv)
+    env = setup_device(configs[0].device)
     try:
-        return train(cfg, mcfg, env)[0]
+        return train(*configs, env)[0]
     finally:
         if env.ddp:
             dist.destroy_process_group()
 
 
-def resolve(cfg: TrainConfig, mcfg: ModelConfig) -> tuple[TrainConfig, ModelConfig]:
-    """Fill what the flags leave implicit: the output folder and the DETR checkpoint path."""
-    cfg = replace(cfg, out_dir=cfg.out_dir or os.path.join("out", cfg.dataset))
-    if mcfg.visual_init == "detr":
-        path = os.path.join(cfg.checkpoint_dir,
-                            f"detr-{'r101' if mcfg.backbone == 'resnet101' else 'r50'}-{DETR_FAMILY[cfg.dataset]}.pth")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: the paper initialises the visual branch from TransVG's DETR checkpoints "
-                f"(COCO without the grounding val/test images; links in TransVG's README). Put it there, point "
-                f"--checkpoint_dir at it, or pass --visual_init imagenet|random|<path>.")
-        mcfg = replace(mcfg, visual_init=path)
-    return cfg, mcfg
-
-
-def prepare_world(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> None:
-    """The synthetic world needs no download, but its BERT vocabulary and its toy CLIP teacher are made here, once,
-    by rank 0, and reused by later runs. Only at the preset's paths or at absolute ones: a hub name such as
-    openai/clip-vit-base-patch16 must never become a local folder of toy files."""
-    def ours(path: str, preset: str) -> bool:
-        return not os.path.exists(path) and (path == preset or os.path.isabs(path))
-
-    if env.is_master and ours(mcfg.text_encoder, TOY["text_encoder"]):
-        print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
-    if env.is_master and cfg.distill != "none" and ours(cfg.teacher, TOY["teacher"]):
-        print0(f"no CLIP teacher at {cfg.teacher}: training the synthetic world's toy CLIP first "
-               f"(python clip_teacher.py does the same)")
-        build_toy_teacher(ToyCLIPConfig(out_dir=cfg.teacher, steps=cfg.toy_teacher_steps, imsize=mcfg.imsize,
-                                        shapes_image_size=cfg.shapes_image_size))
-    if env.ddp:
-        dist.barrier()
-
-
-def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str, float], GroundingModel]:
+def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: DeviceEnv
+          ) -> tuple[dict[str, float], GroundingModel]:
     """The training run; returns the final metrics and the trained (unwrapped) student."""
-    cfg, mcfg = resolve(cfg, mcfg)
+    # config: everything implicit is resolved here, once; `configs` is what every checkpoint holds
+    if dcfg.dataset == "shapes":
+        toy.prepare_world(mcfg.text_encoder, None if cfg.distill == "none" else cfg.teacher, cfg.toy_teacher_steps,
+                          mcfg.imsize, dcfg.shapes_image_size, env)
+    tokenizer = data.load_tokenizer(mcfg.text_encoder)
+    cfg, mcfg = resolve(cfg, dcfg, mcfg, len(tokenizer))
+    configs = {"train_config": asdict(cfg), "data_config": asdict(dcfg), "model_config": asdict(mcfg)}
     per_step = cfg.micro_batch * env.world_size
     if cfg.batch_size % per_step:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch x world_size = {per_step}")
     accum = cfg.batch_size // per_step
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.dataset == "shapes":
-        prepare_world(cfg, mcfg, env)
 
     # data
-    tokenizer = data.load_tokenizer(mcfg.text_encoder)
-    if mcfg.text_init == "random" and mcfg.text_config is not None and "vocab_size" not in mcfg.text_config:
-        mcfg = replace(mcfg, text_config={**mcfg.text_config, "vocab_size": len(tokenizer)})
-    train_set = EpochSeeded(dataset_for(cfg.dataset, cfg.train_split, tokenizer, mcfg, asdict(cfg),
-                                        train=cfg.augment), cfg.seed)
-    eval_set = dataset_for(cfg.dataset, cfg.eval_split, tokenizer, mcfg, asdict(cfg))
+    sizes = {"imsize": mcfg.imsize, "max_query_len": mcfg.max_query_len}
+    train_set = EpochSeeded(data.make_dataset(dcfg, cfg.train_split, tokenizer, train=cfg.augment, **sizes), cfg.seed)
+    eval_set = data.make_dataset(dcfg, cfg.eval_split, tokenizer, train=False, **sizes)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.dataset}/{cfg.train_split} has {len(train_set)} samples, fewer than one batch")
+        raise ValueError(f"{dcfg.dataset}/{cfg.train_split} has {len(train_set)} samples, fewer than one batch")
     total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
 
-    # model (same init on every rank; DDP also broadcasts rank 0's weights). A resumed run takes every weight from
-    # its checkpoint, so it builds the branches at random instead of fetching BERT and DETR again.
+    # model: the same init on every rank (DDP also broadcasts rank 0's weights). A resumed run takes every weight
+    # from its checkpoint, so it builds the branches at random instead of fetching BERT and DETR again.
     torch.manual_seed(cfg.seed)
     model = GroundingModel(replace(mcfg, text_init="random", visual_init="random") if cfg.resume else mcfg)
     model = model.to(env.device)
@@ -321,182 +332,82 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, env: DeviceEnv) -> tuple[dict[str
     random.seed(cfg.seed + env.rank)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    mcfg = replace(mcfg, text_config=model.cfg.text_config)  # resolved BERT config: checkpoints rebuild offline
     print0(f"student parameters: {count_parameters(model)}")
-    amp = amp_dtype(env.device, cfg.dtype)  # None = fp32
+
+    # teacher, optimizer, resume (weights, optimizer, counters and RNG; the lr follows from the step)
     teacher = None
     if cfg.distill != "none":
         teacher = CLIPTeacher(cfg.teacher, device=env.device, trainable=cfg.teacher_trainable,
-                              dtype=amp or torch.float32, text_cache_size=cfg.teacher_text_cache)
-    # the teacher only runs the towers the chosen modality needs (image-only skips CLIP's text tower)
-    cv, ct = model.distill_widths(cfg.distill_loc)
+                              dtype=amp_dtype(env.device, cfg.dtype) or torch.float32,
+                              text_cache_size=cfg.teacher_text_cache)
+    cv, ct = model.distill_widths(cfg.distill_loc)  # the teacher runs only the towers the modality needs
     widths = (cv if cfg.distill_modality != "text" else None, ct if cfg.distill_modality != "image" else None)
     optimizer = torch.optim.AdamW(param_groups(model, teacher, cfg), weight_decay=cfg.weight_decay,
                                   fused=env.device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # fp16 only: bf16 needs no loss scaling
-
-    # resume: weights, optimizer, counters and RNG; the lr follows from the step
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(env.device, cfg.dtype) == torch.float16)  # fp16 only
     step, best, start = 0, -1.0, time.time()
     if cfg.resume:
-        ckpt = read_checkpoint(cfg.resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best = ckpt["step"], ckpt["best_metric"]
-        if ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"][env.rank % len(ckpt["rng"]["cpu"])])
-        if env.device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][env.rank % len(ckpt["rng"]["cuda"])])
-        if teacher is not None and cfg.teacher_trainable:
-            teacher.model.load_state_dict(read_checkpoint(cfg.resume + ".teacher")["model"])
+        step, best = load_checkpoint(cfg.resume, model, optimizer, scaler, teacher, env)
         print0(f"resumed from {cfg.resume} at step {step} (epoch {step // steps_per_epoch}), best {best:.2f}")
-
     raw_model = model  # unwrapped and uncompiled: what checkpoints hold
     if cfg.compile:
         model = torch.compile(model)
     eval_model = model  # evaluation needs no DDP: its forward would broadcast buffers, a collective, per batch
     if env.ddp:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-
-    resolved = {"train": asdict(cfg), "model": asdict(mcfg), "world_size": env.world_size, "grad_accum": accum}
-    print0(json.dumps(resolved, indent=1))
-    print0(f"{cfg.dataset}: {len(train_set)} train samples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
+    print0(json.dumps({**configs, "world_size": env.world_size, "grad_accum": accum}, indent=1))
+    print0(f"{dcfg.dataset}: {len(train_set)} train samples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
            f"global batch {cfg.batch_size} = micro-batch {cfg.micro_batch} x {env.world_size} devices x {accum} "
            f"accumulation steps")
     if env.is_master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=1)
+            json.dump({**configs, "world_size": env.world_size, "grad_accum": accum}, f, indent=1)
 
-    def sync_buffers() -> None:
-        """Rank 0's buffers (BatchNorm statistics with trainable_bn) on every rank, as DDP broadcasts them before
-        each training forward: evaluation and checkpoints then see one model, whichever rank runs them."""
-        if env.ddp:
-            for buffer in raw_model.buffers():
-                dist.broadcast(buffer, src=0)
-
-    def checkpoint(name: str, metric: float) -> None:
-        sync_buffers()
-        # every rank's dropout stream (CPU, and CUDA's where dropout runs), so a resumed run continues each of them
-        state = {"cpu": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}
-        states = [state]
-        if env.ddp:
-            states = [None] * env.world_size
-            dist.all_gather_object(states, state)
-        rng = {"cpu": [s["cpu"] for s in states], "cuda": [s["cuda"] for s in states if s["cuda"] is not None]}
-        if not env.is_master:
-            return
-        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "step": step, "epoch": step // steps_per_epoch, "best_metric": metric,
-                     "model_config": asdict(mcfg), "train_config": asdict(cfg),
-                     "teacher": None if teacher is None else {"name": teacher.name, "sha256": teacher.weights_sha256},
-                     "rng": rng, "git_sha": git_sha(), "format_version": FORMAT_VERSION},
-                    os.path.join(cfg.out_dir, name))
-        if teacher is not None and cfg.teacher_trainable:  # a tuned teacher is not ours to put in the student
-            save_atomic({"model": teacher.model.state_dict()}, os.path.join(cfg.out_dir, name + ".teacher"))
-
-    def validate() -> dict[str, float]:
-        """Evaluate on eval_split (all ranks), keep best.pt, print; returns the metrics."""
-        nonlocal best
-        sync_buffers()
-        metrics, _ = evaluate(eval_model, eval_set, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
-                              dtype=cfg.dtype)
-        if metrics["acc@0.5"] > best:
-            best = metrics["acc@0.5"]
-            checkpoint("best.pt", best)
-        print0(f"step {step}: {cfg.eval_split} Acc@0.5 {metrics['acc@0.5']:.2f} (best {best:.2f}), "
-               f"Acc@0.75 {metrics['acc@0.75']:.2f}, mIoU {metrics['miou']:.3f}")
-        return {**metrics, "step": step}
-
-    autocast = autocast_for(env.device, cfg.dtype)
-    metrics, log_path = {}, os.path.join(cfg.out_dir, "log.jsonl")
+    # loop: an epoch at a time (one data order each), evaluating every epoch or every eval_every steps
+    metrics = {}
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        train_set.epoch = epoch
-        order = epoch_indices(len(train_set), epoch, cfg.seed, env.rank, env.world_size, cfg.batch_size)
-        order = order[(step % steps_per_epoch) * cfg.batch_size // env.world_size:]  # skip what a resume has done
-        # its own generator: a DataLoader otherwise draws its worker seed from the global RNG (dropout's stream)
-        loader = DataLoader(train_set, batch_size=cfg.micro_batch, sampler=order.tolist(), collate_fn=data.collate,
-                            num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda", drop_last=True,
-                            generator=torch.Generator())
-        batches = iter(loader)
+        epoch, batches = step // steps_per_epoch, epoch_batches(train_set, step, steps_per_epoch, cfg, env)
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
         bar = tqdm(total=epoch_end - step, desc=f"epoch {epoch}", disable=not env.is_master, dynamic_ncols=True)
-        sums, seen, done, t0 = {}, 0, 0, time.time()
+        sums, done, t0 = {}, 0, time.time()
         while step < epoch_end:
             factor = lr_factor(step, steps_per_epoch, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            terms_total = {}
-            for micro in range(accum):
-                batch = {k: v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v
-                         for k, v in next(batches).items()}
-                images = batch["image"]
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # gradients are all-reduced only on the last micro-step of an optimizer step
-                last = micro == accum - 1
-                with model.no_sync() if env.ddp and not last else contextlib.nullcontext():
-                    with autocast:
-                        out = model(images, batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
-                    distill_terms = {}
-                    if teacher is not None:
-                        targets = teacher.targets(images, batch["text"], widths)
-                        distill_terms = distill_loss(out["distill"][cfg.distill_loc], targets, cfg.distill,
-                                                     cfg.distill_modality, cfg.alpha, cfg.beta)
-                    loss, terms = total_loss(out["pred_boxes"], batch["target"], cfg.box_loss, cfg.giou_weight,
-                                             distill_terms)
-                    scaler.scale(loss / accum).backward()
-                for k, v in terms.items():
-                    terms_total[k] = terms_total.get(k, 0.0) + v.detach() / accum
-            # one small all-reduce per step: logs the global mean and stops every rank together on NaN
-            values = torch.stack(list(terms_total.values())).float()
-            if env.ddp:
-                dist.all_reduce(values)
-                values /= env.world_size
-            values = values.tolist()
-            if not all(math.isfinite(v) for v in values):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} (epoch {epoch}): {dict(zip(terms_total, values))}; stopped "
-                    f"before the optimizer step, so {cfg.out_dir}/last.pt is the last good checkpoint")
-            if teacher is not None and cfg.teacher_trainable and env.ddp:
-                average_gradients(teacher.parameters(), env.world_size)  # the teacher is outside DDP
-            if cfg.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            done += 1
-            seen += cfg.batch_size
-            for k, v in zip(terms_total, values):
-                sums[k] = sums.get(k, 0.0) + v
+            terms = optimizer_step(model, teacher, widths, batches, optimizer, scaler, factor, accum, cfg, env, step)
+            step, done = step + 1, done + 1
+            sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
             bar.update(1)
-            bar.set_postfix({**{k: f"{v:.3f}" for k, v in zip(terms_total, values)}, "lr": f"{cfg.lr * factor:.1e}",
-                             "img/s": f"{seen / (time.time() - t0):.1f}"})
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                metrics = validate()
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{cfg.lr * factor:.1e}",
+                             "img/s": f"{done * cfg.batch_size / (time.time() - t0):.1f}"})
+            if eval_due(step, epoch_end, total_steps, cfg.eval_every):
+                sync_buffers(raw_model, env)
+                metrics = evaluate(eval_model, eval_set, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
+                                   dtype=cfg.dtype)[0]
+                if metrics["acc@0.5"] > best:
+                    best = metrics["acc@0.5"]
+                    save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), raw_model, optimizer, scaler, teacher,
+                                    configs, step, step // steps_per_epoch, best, env)
+                print0(f"step {step}: {cfg.eval_split} Acc@0.5 {metrics['acc@0.5']:.2f} (best {best:.2f}), "
+                       f"Acc@0.75 {metrics['acc@0.75']:.2f}, mIoU {metrics['miou']:.3f}")
+                metrics = {**metrics, "step": step}
         bar.close()
-        # eval_every = 0: evaluate every epoch; otherwise every eval_every steps, and once more at the very end
-        if not cfg.eval_every or (step == total_steps and step % cfg.eval_every):
-            metrics = validate()
-        checkpoint("last.pt", best)
-        line = {"epoch": epoch, "step": step, "lr": cfg.lr * factor, **{f"train_{k}": v / done for k, v in sums.items()},
-                **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}, "images_per_s": seen / (time.time() - t0),
-                "elapsed_s": time.time() - start}
+        save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), raw_model, optimizer, scaler, teacher, configs, step,
+                        step // steps_per_epoch, best, env)
         if env.is_master:
-            with open(log_path, "a") as f:
+            line = {"epoch": epoch, "step": step, "lr": cfg.lr * factor,
+                    **{f"train_{k}": v / done for k, v in sums.items()},
+                    **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()},
+                    "images_per_s": done * cfg.batch_size / (time.time() - t0), "elapsed_s": time.time() - start}
+            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
+
     # the final model on every split papers report for this dataset (val, testA, testB for RefCOCO)
     results = {}
     if cfg.final_eval:
-        for split in data.DATASETS[cfg.dataset].eval_splits:
-            dataset = eval_set if split == cfg.eval_split else dataset_for(cfg.dataset, split, tokenizer, mcfg,
-                                                                          asdict(cfg))
-            results[split], _ = evaluate(eval_model, dataset, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
-                                         dtype=cfg.dtype)
+        for split in data.DATASETS[dcfg.dataset].eval_splits:
+            dataset = eval_set if split == cfg.eval_split else data.make_dataset(dcfg, split, tokenizer, train=False,
+                                                                                 **sizes)
+            results[split] = evaluate(eval_model, dataset, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
+                                      dtype=cfg.dtype)[0]
         print_table(results)
     final = {"step": step, "best_acc@0.5": best,
              **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items() if k != "step"},

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 from model import ModelConfig  # noqa: E402
 
-# 64-d heads like every released BERT (load_transvg infers the head count as hidden_size / 64)
+# 64-d heads like every released BERT (model.bert_config_from_weights infers the head count as hidden_size / 64)
 TINY_BERT = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=64,
                  max_position_embeddings=32)
 
@@ -36,20 +36,16 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP (32-d towers, 64-d embeddings, 32 px images) with a word tokenizer, saved like a hub model."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from clip_teacher import save_word_tokenizer
+    from clip_teacher import save_random_clip
 
     directory = tmp_path_factory.mktemp("tiny_clip")
-    tok = save_word_tokenizer(directory, ["the", "red", "circle", "left"])
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = CLIPConfig(text_config={"vocab_size": len(tok), "max_position_embeddings": 77,
-                                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                                     "pad_token_id": tok.pad_token_id, **tower},
-                        vision_config={"image_size": 32, "patch_size": 8, **tower}, projection_dim=64)
     torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(directory)
+    save_random_clip(directory, ["the", "red", "circle", "left"], projection_dim=64, text=TINY_CLIP_TOWER,
+                     vision={"image_size": 32, "patch_size": 8, **TINY_CLIP_TOWER})
     return str(directory)
+
+
+TINY_CLIP_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import data  # noqa: E402
 import train  # noqa: E402
-from evaluate import parse_config, setup_device  # noqa: E402
+from runtime import parse_config, setup_device  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    cfg, mcfg = parse_config(sys.argv[1:], [train.TrainConfig, train.ModelConfig], train.PRESETS)
+    cfg, dcfg, mcfg = parse_config(sys.argv[1:], [train.TrainConfig, data.DataConfig, train.ModelConfig],
+                                   train.PRESETS)
     env = setup_device(cfg.device)
     try:
-        metrics, model = train.train(cfg, mcfg, env)
+        metrics, model = train.train(cfg, dcfg, mcfg, env)
     finally:
         dist.destroy_process_group()
     digest = hashlib.sha256()

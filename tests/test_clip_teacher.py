@@ -8,15 +8,16 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers import CLIPImageProcessor, CLIPTokenizer
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
 from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
 import train
-from clip_teacher import CLIPTeacher, adaptive_avg_pool, save_word_tokenizer
+import transforms
+from clip_teacher import CLIPTeacher, adaptive_avg_pool, save_random_clip, save_word_tokenizer
 from losses import distill_loss
-from model import GroundingModel
+from model import GroundingModel, example_inputs
 
 IMAGE_SIZE = 32  # R of the tiny CLIP; the canvases below are S = 48 so the teacher really resizes
 CANVAS = 48
@@ -27,30 +28,15 @@ def channels(v):
     return torch.tensor(v).view(1, 3, 1, 1)
 
 
-def imagenet_normalise(rgb01: torch.Tensor) -> torch.Tensor:
-    """What data.py does to the canvas: (x - ImageNet mean) / ImageNet std."""
-    return (rgb01 - channels(IMAGENET_DEFAULT_MEAN)) / channels(IMAGENET_DEFAULT_STD)
-
-
-def write_tiny_clip_tokenizer(directory) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over printable ASCII, with "man" and "the" as whole words; specials last, as OpenAI's."""
-    return save_word_tokenizer(directory, ["man", "the"])
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A saved tiny random CLIP (512-d embeddings like ViT-B) + tokenizer, without preprocessor config."""
+    """A saved tiny random CLIP (512-d embeddings like ViT-B) + tokenizer ("man", "the" whole words), without
+    preprocessor config."""
     directory = tmp_path_factory.mktemp("tiny_clip")
-    tok = write_tiny_clip_tokenizer(directory)
     tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **tower),
-        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **tower),
-        projection_dim=512,
-    )
     torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(directory)
+    save_random_clip(directory, ["man", "the"], projection_dim=512, text={"max_position_embeddings": 77, **tower},
+                     vision={"image_size": IMAGE_SIZE, "patch_size": 8, **tower})
     return directory
 
 
@@ -60,19 +46,13 @@ def teacher(clip_dir):
 
 
 def random_canvas(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return imagenet_normalise(torch.rand(batch, 3, CANVAS, CANVAS, generator=g))
+    """RGB in [0,1], what the teacher takes (train.py passes transforms.unnormalise of the student's canvas)."""
+    return torch.rand(batch, 3, CANVAS, CANVAS, generator=torch.Generator().manual_seed(seed))
 
 
 def student_batch(cfg, batch=3):
-    """Inputs for a tiny GroundingModel: a random ImageNet-normalised canvas and random token ids."""
-    g = torch.Generator().manual_seed(0)
-    S, L = cfg.imsize, cfg.max_query_len
-    images = imagenet_normalise(torch.rand(batch, 3, S, S, generator=g))
-    img_is_pad = torch.zeros(batch, S, S, dtype=torch.bool)
-    img_is_pad[1, :, S // 2:] = True  # right half padded, as data.py would mark it
-    input_ids = torch.randint(5, 60, (batch, L), generator=g)
-    return images, img_is_pad, input_ids, torch.ones(batch, L, dtype=torch.long)
+    """Forward's arguments for a tiny GroundingModel, in order."""
+    return list(example_inputs(cfg, batch).values())
 
 
 # -----------------------------------------------------------------------------
@@ -100,18 +80,17 @@ def test_pool_to_a_larger_width():
 
 
 # -----------------------------------------------------------------------------
-# preprocessing: ImageNet canvas -> CLIP pixel values
+# preprocessing: the student's canvas, unnormalised -> CLIP pixel values
 
 
 def test_constant_colour_and_padding_map_to_clip_normalised_values(teacher):
     colour = torch.tensor([0.2, 0.5, 0.9])
-    canvas = imagenet_normalise(colour.view(1, 3, 1, 1).expand(1, 3, CANVAS, CANVAS))
-    pixels = teacher.preprocess(canvas)
+    pixels = teacher.preprocess(colour.view(1, 3, 1, 1).expand(1, 3, CANVAS, CANVAS))
     assert pixels.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     expected = (colour - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # no processor config
     torch.testing.assert_close(pixels, expected.view(1, 3, 1, 1).expand_as(pixels), atol=1e-5, rtol=0)
     # Padding is 0 in ImageNet space = the ImageNet mean colour, which CLIP sees as a grey letterbox.
-    padding = teacher.preprocess(torch.zeros(1, 3, CANVAS, CANVAS))
+    padding = teacher.preprocess(transforms.unnormalise(torch.zeros(1, 3, CANVAS, CANVAS)))
     grey = (torch.tensor(IMAGENET_DEFAULT_MEAN) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(padding, grey.view(1, 3, 1, 1).expand_as(padding), atol=1e-5, rtol=0)
 
@@ -119,7 +98,7 @@ def test_constant_colour_and_padding_map_to_clip_normalised_values(teacher):
 def test_bicubic_overshoot_is_clamped_to_the_valid_range(teacher):
     rgb = torch.zeros(1, 3, CANVAS, CANVAS)
     rgb[..., CANVAS // 2:] = 1.0  # a black/white edge makes bicubic ring below 0 and above 1
-    pixels = teacher.preprocess(imagenet_normalise(rgb))
+    pixels = teacher.preprocess(rgb)
     low = (0 - channels(CLIP_MEAN)) / channels(CLIP_STD)
     high = (1 - channels(CLIP_MEAN)) / channels(CLIP_STD)
     assert (pixels >= low - 1e-6).all() and (pixels <= high + 1e-6).all()
@@ -133,7 +112,7 @@ def test_preprocess_matches_clips_own_processor_on_a_square_image(teacher):
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     reference = processor(images=image_u8, return_tensors="pt")["pixel_values"]
-    ours = teacher.preprocess(imagenet_normalise(image_u8[None].float() / 255))
+    ours = teacher.preprocess(image_u8[None].float() / 255)
     # The processor resizes in uint8 (rounded, fixed-point taps); we resize in float. Allow one uint8 level.
     one_level = 1 / 255 / min(CLIP_STD)
     torch.testing.assert_close(ours, reference, atol=one_level, rtol=0)
@@ -144,8 +123,7 @@ def test_clip_mean_std_come_from_the_preprocessor_config(clip_dir, tmp_path):
     directory = shutil.copytree(clip_dir, tmp_path / "clip_with_processor")
     CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(directory)
     colour = torch.tensor([0.2, 0.5, 0.9])
-    canvas = imagenet_normalise(colour.view(1, 3, 1, 1).expand(1, 3, CANVAS, CANVAS))
-    pixels = CLIPTeacher(str(directory), device="cpu").preprocess(canvas)
+    pixels = CLIPTeacher(str(directory), device="cpu").preprocess(colour.view(1, 3, 1, 1).expand(1, 3, CANVAS, CANVAS))
     torch.testing.assert_close(pixels[0, :, 0, 0], (colour - 0.5) / 0.25, atol=1e-5, rtol=0)
 
 
@@ -216,7 +194,7 @@ def test_each_location_gets_targets_of_its_width_and_only_the_student_gets_gradi
     out = student(*batch)
     loss = 0.0
     for loc in ("loc1", "loc2", "loc3", "loc4"):  # tiny widths: (32,32) (32,32) (32,64) (512,64)
-        target = teacher.targets(batch[0], TEXTS, student.distill_widths(loc))
+        target = teacher.targets(transforms.unnormalise(batch[0]), TEXTS, student.distill_widths(loc))
         assert [t.shape for t in target] == [f.shape for f in out["distill"][loc]]
         assert not any(t.requires_grad or t.is_inference() for t in target)
         loss = loss + sum(distill_loss(out["distill"][loc], target).values())
@@ -242,7 +220,7 @@ def test_trainable_teacher_gets_the_distillation_gradient_and_updates(clip_dir, 
     # train.py's groups: the teacher joins the optimizer at the backbone learning rate
     optimizer = torch.optim.AdamW(train.param_groups(student, teacher, train.TrainConfig(teacher_trainable=True)))
     batch = student_batch(student.cfg)
-    target = teacher.targets(batch[0], TEXTS, student.distill_widths("loc1"))
+    target = teacher.targets(transforms.unnormalise(batch[0]), TEXTS, student.distill_widths("loc1"))
     sum(distill_loss(student(*batch)["distill"]["loc1"], target).values()).backward()
     model = teacher.model
     for p in (model.visual_projection.weight, model.text_projection.weight,

@@ -31,7 +31,8 @@ def test_iou_of_exactly_one_half_counts_as_correct():
 def test_canvas_boxes_map_back_to_original_pixels(tmp_path):
     data.write_shapes_vocab(str(tmp_path / "v"))
     tok = data.load_tokenizer(str(tmp_path / "v"))
-    world = data.make_dataset("shapes", "val", tok, train=False, imsize=64, max_query_len=16, image_size=96)
+    world = data.make_dataset(data.DataConfig("shapes", shapes_image_size=96), "val", tok, train=False, imsize=64,
+                              max_query_len=16)
     batch = data.collate([world[i] for i in range(6)])
     back = evaluate.predicted_xyxy(batch["target"], 64, batch["scale"], batch["pad_offset"])
     assert torch.allclose(back, batch["gt_xyxy"], atol=1e-3)
@@ -72,7 +73,8 @@ def test_vis_writes_valid_pngs_of_the_worst_predictions(checkpoint, tmp_path):
 
 def test_single_image_prediction(checkpoint, tmp_path):
     tok = data.load_tokenizer(str(checkpoint.parent / "vocab"))
-    world = data.make_dataset("shapes", "test", tok, train=False, imsize=64, max_query_len=16, image_size=64)
+    world = data.make_dataset(data.DataConfig("shapes", shapes_image_size=64), "test", tok, train=False, imsize=64,
+                              max_query_len=16)
     image = world.original_image(0)
     write_png(image, str(tmp_path / "photo.png"))
     out = evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'photo.png'}",

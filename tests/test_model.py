@@ -1,4 +1,4 @@
-"""The student model: shapes, gradients, masks, and checkpoint interop (DETR, torchvision, TransVG, ours).
+"""The student model: shapes, gradients, masks, our checkpoints, DETR and torchvision initialisation.
 
 Run: python -m pytest -q tests/test_model.py
 Parity with the *official* TransVG code needs that code and is checked outside the suite (see the README).
@@ -13,29 +13,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from losses import total_loss
-from model import (
-    GroundingModel,
-    load_transvg,
-    ours_to_transvg,
-    read_checkpoint,
-    sine_position_embedding,
-    transvg_config,
-    transvg_to_ours,
-)
-
-
-def inputs(cfg, B=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    S, L = cfg.imsize, cfg.max_query_len
-    images = torch.randn(B, 3, S, S, generator=g)
-    img_is_pad = torch.zeros(B, S, S, dtype=torch.bool)
-    img_is_pad[1, :, S // 2:] = True  # right half padded
-    img_is_pad[2, S * 3 // 4:, :] = True  # bottom quarter padded
-    input_ids = torch.randint(5, 60, (B, L), generator=g)
-    attention_mask = torch.ones(B, L, dtype=torch.long)
-    attention_mask[0, 4:] = 0
-    input_ids[0, 4:] = 0
-    return images, img_is_pad, input_ids, attention_mask
+from model import GroundingModel, example_inputs, read_checkpoint, sine_position_embedding
 
 
 @pytest.fixture
@@ -45,7 +23,7 @@ def model(tiny_config):
 
 
 def test_output_shapes_keys_and_range(model):
-    out = model(*inputs(model.cfg))
+    out = model(**example_inputs(model.cfg))
     assert out["pred_boxes"].shape == (3, 4)
     assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
     assert set(out["distill"]) == {"loc1", "loc2", "loc3", "loc4"}
@@ -61,7 +39,7 @@ def test_distill_locations_read_the_documented_tokens(model):
     captured = {}
     model.fusion.register_forward_hook(lambda m, i, o: captured.__setitem__("fusion", o))
     model.visual_encoder.register_forward_hook(lambda m, i, o: captured.__setitem__("visual", o))
-    out = model(*inputs(model.cfg))
+    out = model(**example_inputs(model.cfg))
     fused, n = captured["fusion"], model.num_visual
     assert n == (64 // 32) ** 2 and fused.shape[1] == 1 + n + model.cfg.max_query_len
     assert torch.equal(out["distill"]["loc1"][0], fused[:, 1])  # first visual token [VLS]
@@ -72,7 +50,7 @@ def test_distill_locations_read_the_documented_tokens(model):
 def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_do_not(tiny_config):
     torch.manual_seed(0)
     model = GroundingModel(tiny_config()).train()
-    out = model(*inputs(model.cfg))
+    out = model(**example_inputs(model.cfg))
     loss, _ = total_loss(out["pred_boxes"], torch.full((3, 4), 0.3))
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
@@ -85,7 +63,7 @@ def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_do_not(tiny_c
 
 
 def test_text_padding_and_batch_composition_do_not_change_a_prediction(model):
-    images, img_is_pad, input_ids, attention_mask = inputs(model.cfg)
+    images, img_is_pad, input_ids, attention_mask = example_inputs(model.cfg).values()
     ref = model(images, img_is_pad, input_ids, attention_mask)["pred_boxes"]
     garbage = input_ids.clone()
     garbage[0, 4:] = 7  # ids under attention_mask == 0 must not matter
@@ -109,7 +87,7 @@ def test_sine_position_is_normalised_over_the_valid_region():
 
 
 def test_wrong_input_sizes_are_refused(model):
-    images, img_is_pad, input_ids, attention_mask = inputs(model.cfg)
+    images, img_is_pad, input_ids, attention_mask = example_inputs(model.cfg).values()
     with pytest.raises(ValueError, match="64x64"):
         model(images[..., :32], img_is_pad[..., :32], input_ids, attention_mask)
     with pytest.raises(ValueError, match="8 tokens"):
@@ -127,8 +105,8 @@ def test_our_checkpoint_round_trips_bit_exactly(model, tmp_path):
     assert not again.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
-    x = inputs(model.cfg)
-    assert torch.equal(model(*x)["pred_boxes"], again(*x)["pred_boxes"])
+    x = example_inputs(model.cfg)
+    assert torch.equal(model(**x)["pred_boxes"], again(**x)["pred_boxes"])
 
 
 def detr_checkpoint(model):
@@ -199,52 +177,6 @@ def test_checkpoints_with_arbitrary_objects_are_refused(tmp_path):
         read_checkpoint(str(path))
 
 
-def transvg_checkpoint(model):
-    """An official-format TransVG checkpoint made from one of our models: pooler added, args pickled."""
-    sd = ours_to_transvg(model.state_dict(), model.cfg.max_query_len)
-    H = model.text_encoder.config.hidden_size
-    sd["textmodel.bert.pooler.dense.weight"], sd["textmodel.bert.pooler.dense.bias"] = torch.zeros(H, H), torch.zeros(H)
-    args = argparse.Namespace(imsize=model.cfg.imsize, max_query_len=model.cfg.max_query_len, dilation=False,
-                              vl_nheads=model.cfg.nheads, bert_model="bert-base-uncased", backbone="resnet18")
-    return {"model": sd, "optimizer": {}, "epoch": 89, "args": args, "val_accu": 0.8}
-
-
-def test_transvg_checkpoint_loads_and_predicts_the_same(model, tmp_path):
-    path = tmp_path / "TransVG_tiny.pth"
-    torch.save(transvg_checkpoint(model), path)
-    loaded = load_transvg(str(path))
-    assert loaded.cfg.backbone == "resnet18" and loaded.cfg.max_query_len == 8 and not loaded.training
-    x = inputs(model.cfg)
-    assert torch.allclose(loaded(*x)["pred_boxes"], model(*x)["pred_boxes"], atol=1e-6)
-    via_generic = GroundingModel.from_checkpoint(str(path))
-    assert torch.allclose(via_generic(*x)["pred_boxes"], model(*x)["pred_boxes"], atol=1e-6)
-
-
-def test_transvg_key_mapping_round_trips_and_reorders_position_rows(model):
-    ours = model.state_dict()
-    L, N = model.cfg.max_query_len, model.num_visual
-    official = ours_to_transvg(ours, L)
-    assert all(k.startswith(("visumodel.", "textmodel.bert.", "vl_", "reg_token", "visu_proj", "text_proj", "bbox_embed"))
-               for k in official)
-    back = transvg_to_ours(official, L)
-    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
-    # official rows: [REG, L text, N visual]; ours: [REG, N visual, L text]
-    rows = torch.arange(1 + L + N, dtype=torch.float32)[:, None].expand(-1, 2)
-    mapped = transvg_to_ours({**official, "vl_pos_embed.weight": rows}, L)["pos_embed"][:, 0]
-    assert mapped.tolist() == [0] + list(range(1 + L, 1 + L + N)) + list(range(1, 1 + L))
-
-
-def test_transvg_architecture_is_inferred_from_shapes(tiny_config):
-    torch.manual_seed(0)
-    big = GroundingModel(tiny_config(backbone="resnet50", dilation=True, imsize=64, max_query_len=6))
-    sd = ours_to_transvg(big.state_dict(), 6)
-    cfg = transvg_config(sd, {"imsize": 64, "dilation": True})
-    assert (cfg.backbone, cfg.dilation, cfg.max_query_len, cfg.enc_layers, cfg.vl_layers) == ("resnet50", True, 6, 2, 2)
-    assert cfg.text_config["hidden_size"] == 64 and cfg.text_config["num_hidden_layers"] == 2
-    with pytest.raises(ValueError, match="max_query_len=20"):
-        transvg_config(sd, {"imsize": 64, "dilation": True, "max_query_len": 20})
-
-
 def test_trainable_bn_trains_every_backbone_layer_and_still_loads_detr(tiny_config, tmp_path):
     torch.manual_seed(1)
     source = GroundingModel(tiny_config())
@@ -253,6 +185,6 @@ def test_trainable_bn_trains_every_backbone_layer_and_still_loads_detr(tiny_conf
     assert all(p.requires_grad for p in model.parameters())
     assert isinstance(model.backbone.bn1, torch.nn.BatchNorm2d)
     assert torch.equal(model.backbone.bn1.running_var, source.backbone.bn1.running_var)  # FrozenBN stats -> BN
-    out = model(*inputs(model.cfg))
+    out = model(**example_inputs(model.cfg))
     total_loss(out["pred_boxes"], torch.full((3, 4), 0.3))[0].backward()
     assert model.backbone.conv1.weight.grad is not None and model.backbone.bn1.weight.grad is not None

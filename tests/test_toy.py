@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import evaluate
+import toy
 import train
-from clip_teacher import CLIPTeacher, ToyCLIPConfig, build_toy_teacher
+from clip_teacher import CLIPTeacher
+from toy import ToyCLIPConfig, build_toy_teacher
 
 TINY_TEACHER = {"steps": 30, "batch_size": 16, "width": 32, "layers": 1, "image_size": 32, "embed_dim": 64,
                 "imsize": 64, "shapes_image_size": 64, "eval_size": 32}
@@ -33,7 +35,7 @@ def test_toy_teacher_learns_and_loads_as_a_teacher(tmp_path):
 @pytest.mark.slow
 def test_default_path_builds_the_teacher_distils_evaluates_and_draws(tmp_path, tiny_train_flags, monkeypatch):
     # train.py builds the missing toy teacher with ToyCLIPConfig's defaults; shrink them to CI size
-    monkeypatch.setattr(train, "ToyCLIPConfig",
+    monkeypatch.setattr(toy, "ToyCLIPConfig",
                         lambda **kw: ToyCLIPConfig(**{**kw, **{k: v for k, v in TINY_TEACHER.items() if k != "steps"}}))
     teacher = tmp_path / "toy_clip"
     out = train.main(tiny_train_flags(tmp_path / "run", "--distill=cos", f"--teacher={teacher}",

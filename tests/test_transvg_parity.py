@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from model import load_transvg
+from interop import load_model
 
 REF = os.environ.get("TRANSVG_REF", "/tmp/transvg_ref")
 CASES = [("TransVG_random_r50.pth", "io.pt"), ("TransVG_random_r101.pth", "io_r101.pt"),
@@ -24,7 +24,7 @@ CASES = [("TransVG_random_r50.pth", "io.pt"), ("TransVG_random_r101.pth", "io_r1
 def test_same_outputs_as_official_transvg(ckpt, io):
     if not os.path.isfile(os.path.join(REF, io)):
         pytest.skip(f"no official TransVG reference outputs in {REF} (make_reference.py writes them; not in CI)")
-    model = load_transvg(os.path.join(REF, ckpt))
+    model = load_model(os.path.join(REF, ckpt))
     with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # the file records torch.__version__
         ref = torch.load(os.path.join(REF, io), weights_only=True)
     captured = {}

@@ -1,0 +1,110 @@
+"""runtime.py: the dataclass command line every script shares, precision names, resume merging, data order.
+
+Run: python -m pytest -q tests/test_runtime.py
+"""
+import dataclasses
+
+import pytest
+import torch
+
+import bench
+import data
+import train
+from runtime import EpochSeeded, amp_dtype, epoch_indices, merge_resumed, parse_config
+
+TRAIN_TYPES = [train.TrainConfig, data.DataConfig, train.ModelConfig]
+
+
+def test_flags_take_both_forms_convert_types_and_apply_presets():
+    cfg, dcfg, mcfg = parse_config(["--dataset", "refcoco+", "--lr=1", "--teacher_trainable", "--backbone",
+                                    "resnet101", "--augment=false"], TRAIN_TYPES, train.PRESETS)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.teacher_trainable and not cfg.augment
+    assert (dcfg.dataset, cfg.epochs, cfg.lr_drop, mcfg.backbone, mcfg.visual_init) == (
+        "refcoco+", 180, 120, "resnet101", "detr")
+    cfg, _, mcfg = parse_config(["--dataset=refcocog", "--max_query_len=30"], TRAIN_TYPES, train.PRESETS)
+    assert (cfg.epochs, mcfg.max_query_len) == (90, 30)  # the flag beats the preset's 40
+
+
+def test_dict_fields_take_json():
+    _, _, mcfg = parse_config(['--text_config={"hidden_size": 64}'], TRAIN_TYPES, train.PRESETS)
+    assert mcfg.text_config == {"hidden_size": 64}
+
+
+@pytest.mark.parametrize("argv,message", [(["--epochs=1e4"], "invalid int"), (["--lr", "fast"], "invalid float"),
+                                          (["--no_such_key=1"], "unrecognized"), (["--augment=maybe"], "true/false")])
+def test_bad_flags_are_refused_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(argv, TRAIN_TYPES, train.PRESETS)
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_comment_and_the_presets_value(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for cls in TRAIN_TYPES:
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name}" in out, f.name
+    assert "ResNet and DETR encoder" in out  # a trailing comment became help text
+    assert "(default: resnet18)" in out  # --backbone under the default dataset's preset (shapes), not resnet50
+
+
+def test_bench_speaks_the_same_dialect(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"--{f.name}" in out for f in dataclasses.fields(bench.BenchConfig))
+    with pytest.raises(SystemExit):
+        bench.main(["--batch_size=two"])
+    assert "invalid int" in capsys.readouterr().err
+
+
+def test_precision_names_and_their_short_forms():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(cpu, "auto") is None and amp_dtype(cpu, "float32") is None and amp_dtype(cpu, "fp32") is None
+    assert amp_dtype(cuda, "bf16") == amp_dtype(cuda, "bfloat16") == torch.bfloat16  # no GPU needed to name it
+    assert amp_dtype(cuda, "fp16") == torch.float16 and amp_dtype(cuda, "float32") is None
+    with pytest.raises(ValueError, match="needs CUDA"):
+        amp_dtype(cpu, "bf16")
+    with pytest.raises(ValueError, match="half"):
+        amp_dtype(cpu, "half")
+
+
+def test_resumed_configs_take_only_the_flags_that_may_change():
+    @dataclasses.dataclass
+    class A:
+        lr: float = 1.0
+        device: str = "cpu"
+        table: dict | None = None
+
+    saved = [{"lr": 0.5, "device": "cuda", "table": {"a": 1, "b": 2}}]
+    resumed, = merge_resumed([A(lr=0.5, device="cpu", table={"a": 1})], saved, {"device", "table", "lr"},
+                             {"device"}, "--resume x")
+    assert resumed == A(lr=0.5, device="cpu", table={"a": 1, "b": 2})  # a part of a saved dict given: the same
+    with pytest.raises(ValueError, match=r"--resume x: lr 0.5 -> 2.0"):
+        merge_resumed([A(lr=2.0)], saved, {"lr"}, {"device"}, "--resume x")
+
+
+def test_epoch_indices_split_each_global_batch_over_ranks():
+    both = [epoch_indices(10, epoch=3, seed=1, rank=r, world=2, batch_size=4) for r in range(2)]
+    single = epoch_indices(10, epoch=3, seed=1, rank=0, world=1, batch_size=4)
+    assert len(single) == 8 and torch.equal(torch.cat([both[0][:2], both[1][:2], both[0][2:], both[1][2:]]), single)
+    assert not torch.equal(single, epoch_indices(10, epoch=4, seed=1, rank=0, world=1, batch_size=4))
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index_not_of_the_draw_order():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(())
+
+    ds = EpochSeeded(Noise(), seed=3)
+    forward = [ds[i] for i in range(4)]
+    torch.manual_seed(123)  # the global stream (dropout's) neither matters nor moves
+    state = torch.get_rng_state()
+    assert [ds[i] for i in reversed(range(4))] == forward[::-1]
+    assert torch.equal(torch.get_rng_state(), state)
+    ds.epoch = 1
+    assert [ds[i] for i in range(4)] != forward

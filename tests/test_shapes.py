@@ -1,0 +1,136 @@
+"""The synthetic world (shapes.py) and its dataset (data.ShapesWorld): expressions single out their target, also
+mirrored, read by an independent parser of the grammar; scenes are deterministic with tight boxes; the vocabulary.
+
+Run: python -m pytest -q tests/test_shapes.py
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+import data
+import shapes
+import transforms
+
+S = 96  # canvas side for these tests
+WORLD = data.DataConfig("shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_tok(tmp_path_factory):
+    return data.load_tokenizer(os.path.dirname(data.write_shapes_vocab(str(tmp_path_factory.mktemp("shapes_vocab")))))
+
+
+NOUNS = {"circle", "square", "triangle", "shape"}
+
+
+def parse_description(words):
+    """['small', 'red', 'circle'] -> ({'size': 'small', 'colour': 'red', 'shape': 'circle'} minus unsaid)."""
+    *adjs, noun = words
+    assert noun in NOUNS, words
+    d = {"shape": noun} if noun != "shape" else {}
+    for a in adjs:
+        d["size" if a in shapes.SIZES else "colour"] = a
+        assert a in shapes.SIZES or a in shapes.COLOURS, words
+    return d
+
+
+def resolve(text, objects):
+    """An independent reading of the expression grammar: the index of the one object it picks out."""
+    def cx(o):
+        return (o["box"][0] + o["box"][2]) / 2
+
+    def cy(o):
+        return (o["box"][1] + o["box"][3]) / 2
+
+    def matching(d, pool):
+        return [i for i in pool if all(objects[i][k] == v for k, v in d.items())]
+
+    w = text.split()
+    assert w[0] == "the"
+    extreme = w[1] if w[1] in ("leftmost", "rightmost") else None
+    start = 2 if extreme else 1
+    end = next(i for i in range(start, len(w)) if w[i] in NOUNS) + 1
+    cands = matching(parse_description(w[start:end]), range(len(objects)))
+    rest = " ".join(w[end:])
+    key = {"leftmost": (cx, 1), "on the left": (cx, 1), "rightmost": (cx, -1), "on the right": (cx, -1),
+           "at the top": (cy, 1), "at the bottom": (cy, -1)}.get(extreme or rest)
+    if key:
+        f, sign = key
+        return min(cands, key=lambda i: sign * f(objects[i]))
+    if not rest:
+        assert len(cands) == 1, text
+        return cands[0]
+    relations = (("to the left of the", cx, 1), ("to the right of the", cx, -1), ("above the", cy, 1),
+                 ("below the", cy, -1))
+    for words, f, sign in relations:
+        if rest.startswith(words + " "):
+            marks = matching(parse_description(rest[len(words) + 1:].split()), range(len(objects)))
+            assert len(marks) == 1, text
+            hits = [i for i in cands if i != marks[0] and sign * f(objects[i]) < sign * f(objects[marks[0]])]
+            assert len(hits) == 1, text
+            return hits[0]
+    raise AssertionError(f"unparsed expression {text!r}")
+
+
+def test_shapes_expressions_pick_out_the_target_also_mirrored(shapes_tok):
+    kinds = {"attribute": 0, "position": 0, "relation": 0}
+    for split in ("train", "val"):
+        ds = data.make_dataset(WORLD, split, shapes_tok, train=False, imsize=S)
+        for i in range(150):
+            sc = ds.scene(i)
+            objects, text, w = sc["objects"], sc["text"], sc["width"]
+            assert 1 <= len(objects) <= 5 and resolve(text, objects) == 0, (split, i, text)
+            mirrored = [{**o, "box": (w - o["box"][2], o["box"][1], w - o["box"][0], o["box"][3])}
+                        for o in objects]
+            assert resolve(transforms.swap_left_right(text), mirrored) == 0, (split, i, text)
+            kinds["relation" if " of " in text or "above" in text or "below" in text else
+                  "position" if transforms.has_spatial_word(text) else "attribute"] += 1
+    assert min(kinds.values()) > 20, kinds  # all three kinds are common
+
+
+def test_shapes_deterministic_tight_boxes_inside(shapes_tok):
+    small = data.DataConfig("shapes", shapes_train_size=30, shapes_eval_size=30)
+    a = data.make_dataset(small, "val", shapes_tok, train=False, imsize=S)
+    b = data.make_dataset(small, "val", shapes_tok, train=False, imsize=S)
+    other_seed = data.ShapesWorld("val", shapes_tok, train=False, imsize=S, max_query_len=20, seed=1, size=30)
+    train = data.make_dataset(small, "train", shapes_tok, train=False, imsize=S)
+    assert len(a) == 30 and len(data.make_dataset(WORLD, "train", shapes_tok, train=True)) == 20000
+    sizes = set()
+    for i in range(30):
+        sa, sb = a[i], b[i]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if k != "text") and sa["text"] == sb["text"]
+        assert a.scene(i) != other_seed.scene(i) and a.scene(i) != train.scene(i)
+        img, box, text = a.load(i)
+        h, w = img.shape[-2:]
+        sizes.add((h, w))
+        assert max(h, w) == 128 and 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
+        x1, y1, x2, y2 = box.int().tolist()
+        drawn = (img != torch.tensor(a.scene(i)["background"], dtype=torch.uint8).view(3, 1, 1)).any(0)
+        inside = drawn[y1:y2, x1:x2]  # the target's pixels touch all four sides of its box
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        assert (sa["input_ids"] != shapes_tok.unk_token_id).all()  # the vocab covers every word
+    assert len(sizes) > 3
+    with pytest.raises(IndexError):
+        a[30]
+
+
+def test_shapes_vocab_is_bert_shaped(tmp_path):
+    path = data.write_shapes_vocab(str(tmp_path / "v"))
+    lines = open(path).read().split("\n")
+    assert lines[0] == "[PAD]" and {"[CLS]", "[SEP]", "[UNK]", "[MASK]", "leftmost", "above"} <= set(lines)
+    tok = data.load_tokenizer(str(tmp_path / "v"))
+    assert tok.pad_token_id == 0 and tok.tokenize("the leftmost small red circle") == [
+        "the", "leftmost", "small", "red", "circle"]
+
+
+def test_shapes_in_a_dataloader(shapes_tok):
+    ds = data.make_dataset(data.DataConfig("shapes", shapes_train_size=8), "train", shapes_tok, train=True, imsize=S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a collate that falls back to slow paths
+        batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.collate)))
+    assert batch["image"].shape == (4, 3, S, S) and len(batch["text"]) == 4
+    assert batch["index"].tolist() == [0, 1, 2, 3]
+    back = transforms.canvas_to_original_xyxy(batch["target"], S, batch["scale"], batch["pad_offset"])
+    assert torch.allclose(back, batch["gt_xyxy"], atol=1e-3)

@@ -1,7 +1,7 @@
 """The run's plumbing, shared by train.py, evaluate.py, bench.py and toy.py.
 
 Contents
-  command line   parse_config: typed dataclasses -> flags (--key value or --key=value), per-dataset presets,
+  command line   parse_config: typed dataclasses -> flags (--key value or --key=value), presets (the recipes),
                  --help from each field's trailing comment
   devices        DeviceEnv, setup_device (cuda > mps > cpu; torchrun with NCCL on GPUs, gloo on CPUs), print0
   across ranks   sync_buffers, average_gradients, rng_states / restore_rng, merge_resumed (--resume's configs)
@@ -51,12 +51,12 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def parse_config(argv: list[str] | None, types: list[type], presets: dict[str, dict] | None = None,
-                 description: str = "") -> list:
+def parse_config(argv: list[str] | None, types: list[type], presets=None, description: str = "") -> list:
     """Build one instance of each dataclass in types from argv: --key value or --key=value for every field,
     converted by the field's type (--epochs=1e4 is an error, --lr=1 is 1.0; dict fields take JSON), unknown
-    keys refused; a bool flag alone means true. presets: {dataset name: {field: value}}, applied between the
-    dataclass defaults and the command line, chosen by --dataset."""
+    keys refused; a bool flag alone means true. presets: a function of the flags as first read ({field: value})
+    that returns {field: value} defaults, applied between the dataclass defaults and the command line (train.py
+    picks the paper's recipe by --dataset and --backbone)."""
     owner = {f.name: cls for cls in types for f in dataclasses.fields(cls)}
 
     def build(add_help: bool) -> argparse.ArgumentParser:
@@ -73,9 +73,9 @@ def parse_config(argv: list[str] | None, types: list[type], presets: dict[str, d
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build(add_help=True)
-    if presets:  # read --dataset first (without --help, which would exit), so that --help shows the preset's values
+    if presets:  # a first read (without --help, which would exit), so that --help shows the preset's values
         known, _ = build(add_help=False).parse_known_args(argv)
-        parser.set_defaults(**presets.get(getattr(known, "dataset", ""), {}))
+        parser.set_defaults(**presets(vars(known)))
     args = vars(parser.parse_args(argv))
     return [cls(**{k: v for k, v in args.items() if owner[k] is cls}) for cls in types]
 

@@ -111,6 +111,11 @@ PRESETS["refcoco+"].update(epochs=180, lr_drop=120)
 PRESETS["shapes"] = toy.PRESET
 
 
+def preset(flags: dict) -> dict:
+    """The defaults a run's flags imply: the recipe of its dataset (--dataset)."""
+    return PRESETS.get(flags["dataset"], {})
+
+
 def resolve(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, vocab_size: int
             ) -> tuple[TrainConfig, ModelConfig]:
     """Fill what the flags leave implicit, once, before anything is built: the output folder, the DETR checkpoint
@@ -287,7 +292,7 @@ def resume_configs(configs: list, argv: list[str]) -> list:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     argv = sys.argv[1:] if argv is None else argv
-    configs = parse_config(argv, [TrainConfig, data.DataConfig, ModelConfig], PRESETS, __doc__)
+    configs = parse_config(argv, [TrainConfig, data.DataConfig, ModelConfig], preset, __doc__)
     if configs[0].resume:
         configs = resume_configs(configs, argv)
     env = setup_device(configs[0].device)

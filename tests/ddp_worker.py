@@ -19,7 +19,7 @@ from runtime import parse_config, setup_device  # noqa: E402
 if __name__ == "__main__":
     torch.set_num_threads(1)
     cfg, dcfg, mcfg = parse_config(sys.argv[1:], [train.TrainConfig, data.DataConfig, train.ModelConfig],
-                                   train.PRESETS)
+                                   train.preset)
     env = setup_device(cfg.device)
     try:
         metrics, model = train.train(cfg, dcfg, mcfg, env)

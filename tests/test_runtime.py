@@ -17,16 +17,16 @@ TRAIN_TYPES = [train.TrainConfig, data.DataConfig, train.ModelConfig]
 
 def test_flags_take_both_forms_convert_types_and_apply_presets():
     cfg, dcfg, mcfg = parse_config(["--dataset", "refcoco+", "--lr=1", "--teacher_trainable", "--backbone",
-                                    "resnet101", "--augment=false"], TRAIN_TYPES, train.PRESETS)
+                                    "resnet101", "--augment=false"], TRAIN_TYPES, train.preset)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.teacher_trainable and not cfg.augment
     assert (dcfg.dataset, cfg.epochs, cfg.lr_drop, mcfg.backbone, mcfg.visual_init) == (
         "refcoco+", 180, 120, "resnet101", "detr")
-    cfg, _, mcfg = parse_config(["--dataset=refcocog", "--max_query_len=30"], TRAIN_TYPES, train.PRESETS)
+    cfg, _, mcfg = parse_config(["--dataset=refcocog", "--max_query_len=30"], TRAIN_TYPES, train.preset)
     assert (cfg.epochs, mcfg.max_query_len) == (90, 30)  # the flag beats the preset's 40
 
 
 def test_dict_fields_take_json():
-    _, _, mcfg = parse_config(['--text_config={"hidden_size": 64}'], TRAIN_TYPES, train.PRESETS)
+    _, _, mcfg = parse_config(['--text_config={"hidden_size": 64}'], TRAIN_TYPES, train.preset)
     assert mcfg.text_config == {"hidden_size": 64}
 
 
@@ -34,7 +34,7 @@ def test_dict_fields_take_json():
                                           (["--no_such_key=1"], "unrecognized"), (["--augment=maybe"], "true/false")])
 def test_bad_flags_are_refused_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
-        parse_config(argv, TRAIN_TYPES, train.PRESETS)
+        parse_config(argv, TRAIN_TYPES, train.preset)
     assert message in capsys.readouterr().err
 
 

@@ -39,6 +39,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 import shapes
+from runtime import check_fields
 from transforms import transform_sample
 
 # -----------------------------------------------------------------------------
@@ -82,6 +83,12 @@ class DataConfig:
     shapes_train_size: int = 0  # shapes: generated training scenes (0 = shapes.py's default)
     shapes_eval_size: int = 0  # shapes: scenes per val/test split (0 = shapes.py's default)
     shapes_image_size: int = 128  # shapes: long side of the generated images, pixels
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("dataset", self.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),
+                            ("shapes_train_size", self.shapes_train_size >= 0, ">= 0 (0 = the default)"),
+                            ("shapes_eval_size", self.shapes_eval_size >= 0, ">= 0 (0 = the default)"),
+                            ("shapes_image_size", self.shapes_image_size >= 32, ">= 32 pixels")])
 
 
 # -----------------------------------------------------------------------------
@@ -143,6 +150,8 @@ def collate(samples: list[dict]) -> dict:
 class GroundingDataset(torch.utils.data.Dataset):
     """Shared __getitem__: subclasses give __len__ and load(i) -> (uint8 (3,H,W), box (4,) xyxy, text)."""
 
+    skipped = 0  # invalid entries left out (--drop_invalid)
+
     def __init__(self, name: str, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int):
         self.name, self.split, self.train, self.imsize = name, split, train, imsize
         self.encoder = make_encoder(tokenizer, max_query_len)
@@ -188,9 +197,14 @@ def _parse_entry(entry, box_format: str, flickr: bool) -> tuple[str, list[int], 
     xyxy = [x1, y1, x1 + a, y1 + b] if box_format == "xywh" else [x1, y1, a, b]
     if xyxy[2] <= xyxy[0] or xyxy[3] <= xyxy[1]:
         raise ValueError(f"zero-area box {xyxy} (xyxy after int truncation of {box!r})")
-    if not text.strip():
-        raise ValueError("empty expression")
+    if not has_word(text):
+        raise ValueError("empty expression" if not text.strip() else "expression without a word (no letter or digit)")
     return img_file, xyxy, text
+
+
+def has_word(text: str) -> bool:
+    """False for an expression a tokenizer turns into nothing (or [UNK]s): empty, emoji or punctuation only."""
+    return any(ch.isalnum() for ch in text)
 
 
 class TransVGSplits(GroundingDataset):
@@ -222,10 +236,13 @@ class TransVGSplits(GroundingDataset):
                 except ValueError as e:
                     bad.append(f"{path} entry {k}: {e}: {repr(entry)[:200]}")
         if bad and not drop_invalid:
-            raise ValueError(f"{len(bad)} invalid entries (drop_invalid=True skips them):\n" +
-                             "\n".join(bad[:5]))
+            raise ValueError(f"{len(bad)} invalid entries (--drop_invalid skips them):\n" + "\n".join(bad[:5]))
         if bad:
             warnings.warn(f"{name} {split}: skipped {len(bad)} invalid entries; first {bad[0]}", stacklevel=3)
+        self.skipped = len(bad)  # reported beside the accuracy: it is over the entries that remain
+        if not self.items:
+            raise ValueError(f"{name} {split}: no usable entries in {', '.join(paths)}" +
+                             (f" ({len(bad)} invalid, skipped)" if bad else " (the split file is empty)"))
         if self.items and not os.path.isabs(self.items[0][0]) and not os.path.isdir(self.image_dir):
             raise FileNotFoundError(f"{name}: image folder {self.image_dir} not found: put the "
                                     f"{info.images_from} there, or pass --data_root")

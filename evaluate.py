@@ -32,7 +32,7 @@ import transforms
 from interop import load_model
 from losses import paired_iou_xyxy
 from model import GroundingModel, read_checkpoint
-from runtime import autocast_for, parse_config, print0, setup_device
+from runtime import autocast_for, check_fields, parse_config, print0, setup_device
 
 # -----------------------------------------------------------------------------
 # metrics (pure)
@@ -158,14 +158,26 @@ class EvalConfig:
     vis: int = 0  # save this many pictures per split (green = ground truth, yellow = prediction)
     worst: bool = False  # pictures of the lowest-IoU predictions instead of the first ones
     out_dir: str = ""  # where pictures go; default: <checkpoint folder>/vis
+    drop_invalid: bool = False  # skip split entries with no expression or a zero-area box (the table counts them)
     image: str = ""  # predict on this image instead of a dataset (needs --text)
     text: str = ""  # the referring expression for --image
+
+    def __post_init__(self) -> None:  # refused before the checkpoint is read, not after a whole evaluation
+        check_fields(self, [
+            ("text", bool(self.image) == bool(self.text), "--text and --image together (or neither)"),
+            ("text", not self.text or data.has_word(self.text), "an expression with a word in it"),
+            ("dataset", not self.dataset or self.dataset in data.DATASETS, f"one of {', '.join(data.DATASETS)}"),
+            ("batch_size", self.batch_size >= 1, ">= 1"), ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("vis", self.vis >= 0, ">= 0"),
+            ("json", not self.json or os.access(os.path.dirname(os.path.abspath(self.json)), os.W_OK),
+             "a file in an existing folder you can write to")])
 
 
 def print_table(results: dict[str, dict[str, float]]) -> None:
     print0(f"{'split':<10} {'n':>7} {'Acc@0.5':>8} {'Acc@0.75':>9} {'mIoU':>7}")
     for split, m in results.items():
-        print0(f"{split:<10} {m['n']:>7} {m['acc@0.5']:>8.2f} {m['acc@0.75']:>9.2f} {m['miou']:>7.3f}")
+        skipped = f"   ({m['skipped']} invalid entries skipped, not counted)" if m.get("skipped") else ""
+        print0(f"{split:<10} {m['n']:>7} {m['acc@0.5']:>8.2f} {m['acc@0.75']:>9.2f} {m['miou']:>7.3f}{skipped}")
 
 
 def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
@@ -175,7 +187,7 @@ def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
     if not saved:
         folders = {info.folder: name for name, info in data.DATASETS.items() if info.folder}
         saved["dataset"] = folders.get((ckpt.get("args") or {}).get("dataset"), "")
-    given = {k: getattr(cfg, k) for k in ("dataset", "split_root", "data_root") if getattr(cfg, k)}
+    given = {k: getattr(cfg, k) for k in ("dataset", "split_root", "data_root", "drop_invalid") if getattr(cfg, k)}
     return data.DataConfig(**{**saved, **given})
 
 
@@ -183,14 +195,17 @@ def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
 def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device: torch.device, out_dir: str,
                   dtype: str = "auto") -> dict:
     """Box (x1, y1, x2, y2) in the image's pixels for one expression, and a PNG of it."""
-    if not text.strip():
-        raise ValueError("--text is empty: give the referring expression, e.g. --text 'the man on the left'")
+    if not data.has_word(text):
+        raise ValueError(f"--text {text!r} has no word in it: give the referring expression, e.g. --text 'the man "
+                         f"on the left'")
     image = data.read_image(path)
     H, W = image.shape[1:]
     # no ground truth here: the whole image stands in for the box the transform carries along
     sample = transforms.transform_sample(image, torch.tensor([0.0, 0.0, W, H]), text.lower(), train=False,
                                    imsize=model.cfg.imsize)
     ids, mask = data.tokenize(data.make_encoder(tokenizer, model.cfg.max_query_len), sample["text"])
+    if (ids[mask.bool()] == tokenizer.unk_token_id).sum() == mask.sum() - 2:  # [CLS] and [SEP] around nothing known
+        raise ValueError(f"--text {text!r}: the tokenizer knows none of its words (all [UNK])")
     batch = data.collate([{**sample, "input_ids": ids, "attention_mask": mask}])
     with autocast_for(device, dtype):
         out = model(batch["image"].to(device), batch["img_is_pad"].to(device), batch["input_ids"].to(device),
@@ -214,6 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = read_checkpoint(cfg.ckpt)
         model = load_model(cfg.ckpt, env.device, ckpt=ckpt)
         tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
+        words = model.text_encoder.config.vocab_size
+        if len(tokenizer) > words:  # its ids past the embedding table would fail deep inside BERT
+            raise SystemExit(f"evaluate.py: the tokenizer {cfg.tokenizer or model.cfg.text_encoder!r} has "
+                             f"{len(tokenizer)} tokens but the checkpoint's text encoder embeds {words}: pass the "
+                             f"--tokenizer it was trained with")
         out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "vis")
         if cfg.image:
             return predict_image(model, tokenizer, cfg.image, cfg.text, env.device, out_dir, cfg.dtype)
@@ -227,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         max_query_len=model.cfg.max_query_len)
             results[split], records = evaluate(model, dataset, env.device, cfg.batch_size, cfg.num_workers,
                                                keep_records=cfg.vis > 0, dtype=cfg.dtype)
+            results[split]["skipped"] = dataset.skipped
             if cfg.vis and env.is_master:
                 paths = save_pictures(dataset, records, out_dir, cfg.vis, cfg.worst, f"{name}_{split}")
                 print0(f"{split}: {len(paths)} pictures in {out_dir}")

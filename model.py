@@ -55,7 +55,24 @@ class ModelConfig:
     text_config: dict | None = None  # BertConfig fields; filled at build time so a checkpoint rebuilds offline
     visual_init: str = "random"  # "random", "imagenet" (torchvision), or a DETR / ResNet checkpoint path
 
+    def __post_init__(self) -> None:  # refused here, when the flags are read, not after minutes of loading
+        stride = 16 if self.dilation else 32
+        for name, ok, expected in [
+                ("backbone", self.backbone in RESNETS, f"one of {', '.join(RESNETS)}"),
+                ("dilation", not self.dilation or self.backbone in ("resnet50", "resnet101"), "a bottleneck ResNet"),
+                ("imsize", self.imsize > 0 and self.imsize % stride == 0, f"a multiple of the stride {stride}"),
+                ("nheads", self.nheads >= 1, ">= 1"),
+                ("hidden_dim", self.hidden_dim > 0 and self.hidden_dim % self.nheads == 0,
+                 f"a multiple of nheads = {self.nheads}"),
+                ("dim_feedforward", self.dim_feedforward > 0, "> 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                ("enc_layers", self.enc_layers >= 0, ">= 0"), ("vl_layers", self.vl_layers >= 1, ">= 1"),
+                ("max_query_len", self.max_query_len >= 2, ">= 2 ([CLS] and [SEP])"),
+                ("text_init", self.text_init in ("pretrained", "random"), "pretrained or random")]:
+            if not ok:
+                raise ValueError(f"--{name}: expected {expected}, got {getattr(self, name)!r}")
 
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 # BertConfig fields that fully determine the architecture (and hence the parameter shapes).
 BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
@@ -180,8 +197,6 @@ class GroundingModel(nn.Module):
         self.cfg = cfg
         D = cfg.hidden_dim
         self.stride = 16 if cfg.dilation else 32
-        if cfg.imsize % self.stride:
-            raise ValueError(f"imsize {cfg.imsize} must be a multiple of the backbone stride {self.stride}")
         self.num_visual = (cfg.imsize // self.stride) ** 2  # N: 400 for a 640 canvas
         # visual branch: ResNet -> 1x1 conv -> DETR encoder (names as in DETR so its checkpoints map 1:1)
         self.backbone = build_resnet(cfg.backbone, cfg.dilation, "imagenet" if cfg.visual_init == "imagenet" else "",
@@ -192,6 +207,7 @@ class GroundingModel(nn.Module):
         # linguistic branch (train.py fills cfg.text_config first, resolve_text_config, so checkpoints rebuild it)
         self.text_encoder = build_bert(cfg)
         bert = self.text_encoder.config
+        check_text_length(cfg, bert.max_position_embeddings)
         # fusion: projections to D, [REG], learned positions for [REG | N visual | L text], the transformer
         self.visual_proj = nn.Linear(D, D)
         self.text_proj = nn.Linear(bert.hidden_size, D)
@@ -287,7 +303,15 @@ def resolve_text_config(cfg: ModelConfig, vocab_size: int | None = None) -> Mode
             bert = BertConfig.from_pretrained(cfg.text_encoder)
     except OSError as e:
         raise bert_error(cfg, e) from e
+    check_text_length(cfg, bert.max_position_embeddings)
     return replace(cfg, text_config={k: getattr(bert, k) for k in BERT_FIELDS})
+
+
+def check_text_length(cfg: ModelConfig, positions: int) -> None:
+    """max_query_len tokens must fit BERT's position table (512 for bert-base): refused before anything runs."""
+    if cfg.max_query_len > positions:
+        raise ValueError(f"--max_query_len {cfg.max_query_len} is more than the text encoder {cfg.text_encoder!r} "
+                         f"holds: its position table has {positions} rows")
 
 
 def example_inputs(cfg: ModelConfig, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -355,12 +379,16 @@ RESNET_PREFIXES = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer"
 
 def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[str]]:
     """Initialise the visual branch from a DETR checkpoint ({'model': {backbone.0.body.*, input_proj.*,
-    transformer.encoder.*, ...}}) or a torchvision ResNet state dict (conv1.weight, layer1.*, ...).
+    transformer.encoder.*, ...}}), the visual branch of a TransVG checkpoint (visumodel.*), or a torchvision ResNet
+    state dict (conv1.weight, layer1.*, ...).
     Returns {"loaded": [...], "ignored": [...]} and prints a summary; raises if the file does not fit the model."""
     ckpt = read_checkpoint(path)
     sd = ckpt.get("model", ckpt)
     if any(k.startswith("backbone.0.body.") for k in sd):
         prefixes, expected = DETR_PREFIXES, ("backbone.", "input_proj.", "visual_encoder.")
+    elif any(k.startswith("visumodel.backbone.0.body.") for k in sd):  # a trained TransVG: its DETR-shaped branch
+        prefixes = {"visumodel." + k: v for k, v in DETR_PREFIXES.items()}
+        expected = ("backbone.", "input_proj.", "visual_encoder.")
     elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         prefixes, expected = RESNET_PREFIXES, ("backbone.",)
     else:

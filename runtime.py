@@ -4,10 +4,12 @@ Contents
   command line   parse_config: typed dataclasses -> flags (--key value or --key=value), presets (the recipes),
                  --help from each field's trailing comment
   devices        DeviceEnv, setup_device (cuda > mps > cpu; torchrun with NCCL on GPUs, gloo on CPUs), print0
-  across ranks   sync_buffers, average_gradients, rng_states / restore_rng, merge_resumed (--resume's configs)
+  across ranks   sync_buffers, average_gradients, rng_states / restore_rng, save_training_state /
+                 load_training_state (exact resume), merge_resumed (--resume's configs)
   data order     EpochSeeded, epoch_indices: which samples, with which augmentation, a rank sees at a step
   precision      amp_dtype, autocast_for: bf16/fp16 autocast on CUDA only, fp32 elsewhere (house rule R6)
-  files          save_atomic (checkpoints never half-written), git_sha
+  files          save_atomic (checkpoints never half-written, disk full said so), lock_run_dir (one run per
+                 folder), holds_run, claim_run_dir (a run never overwrites another), git_sha
 
 Why not transformers.HfArgumentParser: it takes help texts only from field(metadata={"help": ...}), which would
 double the length of every config class and move the help away from the one-line comments the house style asks
@@ -20,13 +22,17 @@ This file imports nothing from the project.
 import argparse
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import inspect
+import itertools
 import json
 import os
 import random
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +83,18 @@ def parse_config(argv: list[str] | None, types: list[type], presets=None, descri
         known, _ = build(add_help=False).parse_known_args(argv)
         parser.set_defaults(**presets(vars(known)))
     args = vars(parser.parse_args(argv))
-    return [cls(**{k: v for k, v in args.items() if owner[k] is cls}) for cls in types]
+    try:  # the configs check their own values (__post_init__): a bad one is a usage error, like a bad type
+        return [cls(**{k: v for k, v in args.items() if owner[k] is cls}) for cls in types]
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def check_fields(cfg, rules: list[tuple[str, bool, str]]) -> None:
+    """For a config's __post_init__: rules are (field, ok, what is expected); the first broken one raises
+    ValueError("--field: expected ..., got <value>"), which parse_config turns into a usage error."""
+    for name, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"--{name}: expected {expected}, got {getattr(cfg, name)!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -122,6 +139,7 @@ def print0(*args, **kwargs) -> None:
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_NAMES = {"auto", *DTYPES, *DTYPE_ALIASES}  # what --dtype accepts
 
 
 def amp_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
@@ -176,6 +194,38 @@ def rng_states(env: DeviceEnv) -> dict[str, list[torch.Tensor]]:
         states = [None] * env.world_size
         dist.all_gather_object(states, state)
     return {"cpu": [s["cpu"] for s in states], "cuda": [s["cuda"] for s in states if s["cuda"] is not None]}
+
+
+def save_training_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, env: DeviceEnv, extra: dict,
+                        sidecar: torch.nn.Module | None = None) -> None:
+    """A checkpoint a run can resume from exactly, as plain data (weights_only=True loads it), written atomically
+    by rank 0: model (unwrapped, uncompiled), optimizer, scaler, every rank's RNG streams, the git sha, and extra.
+    sidecar: another module's weights, to path + ".teacher". Every rank must call it (they gather RNG states)."""
+    sync_buffers(model, env)
+    rng = rng_states(env)  # every rank's dropout stream: a resumed run continues each of them
+    if not env.is_master:
+        return
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng, "git_sha": git_sha(),
+                 **extra}, path)
+    if sidecar is not None:
+        save_atomic({"model": sidecar.state_dict()}, path + ".teacher")
+
+
+def load_training_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, env: DeviceEnv, sidecar: torch.nn.Module | None = None
+                        ) -> dict:
+    """Restore what save_training_state wrote, this rank's RNG streams included; returns the checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], env)
+    if sidecar is not None:
+        sidecar.load_state_dict(torch.load(path + ".teacher", map_location="cpu", weights_only=True)["model"])
+    return ckpt
 
 
 def restore_rng(rng: dict[str, list[torch.Tensor]], env: DeviceEnv) -> None:
@@ -246,10 +296,97 @@ def epoch_indices(n: int, epoch: int, seed: int, rank: int, world: int, batch_si
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temp file, then os.replace: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save into a temp file of its own (two writers never share one), fsync it, then os.replace it onto
+    path and fsync the folder: a crash or a full disk never leaves a half-written checkpoint, and the previous
+    one stays as it was. A full disk is reported as such, naming the file; the temp file is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch reports a failed write as a RuntimeError whose context is the OSError (or, writing to a path
+        # itself, as "basic_ios::clear: iostream error" with no errno at all)
+        if any(getattr(x, "errno", None) == errno.ENOSPC for x in (e, e.__cause__, e.__context__)):
+            kept = "the previous checkpoint is intact" if os.path.exists(path) else "nothing was written"
+            raise OSError(errno.ENOSPC, f"no space left writing {path}; {kept}") from e
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "config.json")  # what makes a folder "hold a run"
+
+
+def holds_run(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES)
+
+
+def lock_run_dir(folder: str):
+    """Create folder and hold an exclusive lock on it for as long as the returned file stays open (the OS drops
+    it when the process dies, even by kill -9), so two runs never write one folder; a second run is refused with
+    the first one's pid. Then removes the temp files a killed run may have left there."""
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise RuntimeError(f"{folder} is in use by another run (pid {holder}); wait for it to finish, or pass "
+                           f"another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for name in os.listdir(folder):
+        if name.endswith(".tmp"):  # save_atomic's temp files: only a killed run leaves one behind
+            os.remove(os.path.join(folder, name))
+    return lock
+
+
+def claim_run_dir(out_dir: str, default: str, resume: str, overwrite: bool, env: DeviceEnv):
+    """The run's folder and rank 0's lock on it, held for the whole run (every rank gets the path). A folder that
+    holds a run is never written over by accident: resume (from a checkpoint in it) continues it, overwrite
+    deletes it first, anything else is refused; with no out_dir, the first of default, default_2, ... that holds
+    no run and is not in use. Returns (folder, lock: close it when the run ends)."""
+    lock = None
+    if env.is_master and not out_dir:
+        for out_dir in itertools.chain([default], (f"{default}_{n}" for n in itertools.count(2))):
+            with contextlib.suppress(RuntimeError):  # in use by another run: try the next one
+                lock = None if holds_run(out_dir) else lock_run_dir(out_dir)
+            if lock is not None:
+                break
+        if out_dir != default:
+            print0(f"{default} holds an earlier run: this one goes to {out_dir}")
+    elif env.is_master:
+        lock = lock_run_dir(out_dir)
+        resuming_here = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out_dir)
+        if holds_run(out_dir) and not resuming_here:
+            if not overwrite:
+                lock.close()
+                found = ", ".join(f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f)))
+                raise FileExistsError(f"--out_dir {out_dir} holds a run ({found}): pass --resume "
+                                      f"{os.path.join(out_dir, 'last.pt')} to continue it, --overwrite to delete it "
+                                      f"and start over, or another --out_dir")
+            for name in os.listdir(out_dir):
+                if name in RUN_FILES or name.endswith(".teacher"):
+                    os.remove(os.path.join(out_dir, name))
+            print0(f"--overwrite: deleted the run that was in {out_dir}")
+    if env.ddp:
+        shared = [out_dir]
+        dist.broadcast_object_list(shared, src=0)
+        out_dir = shared[0]
+    return out_dir, lock
 
 
 def git_sha() -> str:

@@ -87,7 +87,8 @@ def retrieval_accuracy(teacher: CLIPTeacher, loader: DataLoader) -> float:
 
 def _pairs(samples: list[dict]) -> dict:
     """A batch of (canvas as RGB in [0,1], expression): what the teacher sees."""
-    return {"rgb": transforms.unnormalise(torch.stack([s["image"] for s in samples])), "text": [s["text"] for s in samples]}
+    return {"rgb": transforms.unnormalise(torch.stack([s["image"] for s in samples])),
+            "text": [s["text"] for s in samples]}
 
 
 def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) -> dict:

@@ -31,29 +31,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import runtime
 import toy
 import transforms
 from clip_teacher import CLIPTeacher
 from evaluate import evaluate, print_table
 from losses import distill_loss, total_loss
 from model import GroundingModel, ModelConfig, count_parameters, read_checkpoint, resolve_text_config
-from runtime import (
-    DeviceEnv,
-    EpochSeeded,
-    amp_dtype,
-    autocast_for,
-    average_gradients,
-    epoch_indices,
-    git_sha,
-    merge_resumed,
-    parse_config,
-    print0,
-    restore_rng,
-    rng_states,
-    save_atomic,
-    setup_device,
-    sync_buffers,
-)
+from runtime import DeviceEnv, check_fields, print0
 
 FORMAT_VERSION = 2  # 2: the data flags moved from train_config to data_config
 
@@ -89,8 +74,10 @@ class TrainConfig:
     teacher_text_cache: int = 0  # frozen teacher: keep this many text embeddings, keyed on the exact expression
     toy_teacher_steps: int = 400  # shapes: training steps of the toy CLIP that is built when --teacher is missing
     checkpoint_dir: str = "checkpoints"  # where visual_init=detr finds TransVG's detr-r50-unc.pth etc.
-    out_dir: str = ""  # default out/<dataset>
+    out_dir: str = ""  # default out/<dataset> (out/<dataset>_2, _3, ... when that holds an earlier run)
+    overwrite: bool = False  # start over in an --out_dir that holds a run: its checkpoints and log are deleted
     resume: str = ""  # a last.pt to continue from
+    save_every: int = 200  # also write last.pt every this many optimizer steps (0 = only at epoch ends)
     eval_every: int = 0  # optimizer steps between evaluations (0 = at the end of every epoch)
     eval_batch: int = 32  # images per device when evaluating
     final_eval: bool = True  # at the end, evaluate every split the papers report and print the table
@@ -100,6 +87,26 @@ class TrainConfig:
     channels_last: bool = False  # channels_last memory format for the ResNet (faster with bf16 on GPUs)
     num_workers: int = 4  # data loader processes per device
     seed: int = 13  # base seed; rank r uses seed + r (TransVG: 13)
+
+    def __post_init__(self) -> None:  # refused when the flags are read, not after minutes of loading
+        check_fields(self, [
+            *[(k, getattr(self, k) >= 1, ">= 1") for k in ("epochs", "batch_size", "micro_batch", "eval_batch")],
+            *[(k, getattr(self, k) >= 0, ">= 0") for k in (
+                "lr_drop", "lr_visual", "lr_text", "weight_decay", "warmup_steps", "clip_grad", "max_steps",
+                "giou_weight", "alpha", "beta", "teacher_text_cache", "toy_teacher_steps", "eval_every",
+                "save_every", "num_workers")],
+            ("lr", self.lr > 0, "> 0"),
+            ("batch_size", self.micro_batch < 1 or self.batch_size % self.micro_batch == 0,
+             f"a multiple of micro_batch = {self.micro_batch}"),
+            ("box_loss", self.box_loss in ("l1", "smooth_l1"), "l1 or smooth_l1"),
+            ("distill", self.distill in ("cos", "l1", "none"), "cos, l1 or none"),
+            ("distill_modality", self.distill_modality in ("both", "image", "text"), "both, image or text"),
+            ("distill_loc", self.distill_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
+            ("teacher_text_cache", not (self.teacher_text_cache and self.teacher_trainable),
+             "0 with --teacher_trainable (the cache would go stale)"),
+            ("dtype", self.dtype in runtime.DTYPE_NAMES, "auto, float32, bfloat16 or float16"),
+            ("device", self.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps"),
+            ("overwrite", not (self.overwrite and self.resume), "not both --overwrite and --resume")])
 
 
 # The paper's recipe per dataset: the DETR checkpoint of TransVG for the visual branch, pretrained BERT, TransVG's
@@ -118,9 +125,8 @@ def preset(flags: dict) -> dict:
 
 def resolve(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, vocab_size: int
             ) -> tuple[TrainConfig, ModelConfig]:
-    """Fill what the flags leave implicit, once, before anything is built: the output folder, the DETR checkpoint
-    path and BERT's full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
-    cfg = replace(cfg, out_dir=cfg.out_dir or os.path.join("out", dcfg.dataset))
+    """Fill what the flags leave implicit, once, before anything is built: the DETR checkpoint path and BERT's
+    full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
     if mcfg.visual_init == "detr":
         depth = "r101" if mcfg.backbone == "resnet101" else "r50"
         path = os.path.join(cfg.checkpoint_dir, f"detr-{depth}-{data.DATASETS[dcfg.dataset].detr}.pth")
@@ -158,14 +164,14 @@ def param_groups(model: GroundingModel, teacher: CLIPTeacher | None, cfg: TrainC
 
 
 # -----------------------------------------------------------------------------
-# data order: a pure function of (seed, epoch, rank), so a resumed run sees exactly the same samples
+# data order: a pure function of (seed, epoch, rank) (runtime.EpochSeeded), so a resumed run sees the same samples
 
 
-def epoch_batches(train_set: EpochSeeded, step: int, steps_per_epoch: int, cfg: TrainConfig, env: DeviceEnv):
+def epoch_batches(train_set: runtime.EpochSeeded, step: int, steps_per_epoch: int, cfg: TrainConfig, env: DeviceEnv):
     """An iterator over this rank's micro-batches from optimizer step `step` to the end of its epoch."""
     epoch = step // steps_per_epoch
     train_set.epoch = epoch
-    order = epoch_indices(len(train_set), epoch, cfg.seed, env.rank, env.world_size, cfg.batch_size)
+    order = runtime.epoch_indices(len(train_set), epoch, cfg.seed, env.rank, env.world_size, cfg.batch_size)
     order = order[(step % steps_per_epoch) * cfg.batch_size // env.world_size:]  # skip what a resume has done
     # its own generator: a DataLoader otherwise draws its worker seed from the global RNG (dropout's stream)
     return iter(DataLoader(train_set, batch_size=cfg.micro_batch, sampler=order.tolist(), collate_fn=data.collate,
@@ -198,7 +204,7 @@ def optimizer_step(model: torch.nn.Module, teacher: CLIPTeacher | None, widths: 
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with model.no_sync() if env.ddp and micro < accum - 1 else contextlib.nullcontext():
-            with autocast_for(env.device, cfg.dtype):
+            with runtime.autocast_for(env.device, cfg.dtype):
                 out = model(images, batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
             distill_terms = {}
             if teacher is not None:
@@ -219,7 +225,7 @@ def optimizer_step(model: torch.nn.Module, teacher: CLIPTeacher | None, widths: 
         raise FloatingPointError(f"non-finite loss at optimizer step {step}: {terms}; stopped before the update, so "
                                  f"{cfg.out_dir}/last.pt is the last good checkpoint")
     if teacher is not None and cfg.teacher_trainable and env.ddp:
-        average_gradients(teacher.parameters(), env.world_size)  # the teacher is outside DDP
+        runtime.average_gradients(teacher.parameters(), env.world_size)  # the teacher is outside DDP
     if cfg.clip_grad > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
@@ -233,44 +239,22 @@ def optimizer_step(model: torch.nn.Module, teacher: CLIPTeacher | None, widths: 
 # checkpoints and resume
 
 
-def save_checkpoint(path: str, model: GroundingModel, optimizer: torch.optim.Optimizer,
+def save_checkpoint(name: str, model: GroundingModel, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, teacher: CLIPTeacher | None, configs: dict, step: int, epoch: int,
-                    best: float, env: DeviceEnv) -> None:
-    """Everything a resume needs, as plain data, written by rank 0 (all ranks must call: they gather RNG states).
-    model: the raw student (not DDP, not compiled); configs: {"train_config": ..., "data_config": ...,
-    "model_config": ...} as dicts. A trainable teacher's weights go beside it (path + ".teacher"), never inside."""
-    sync_buffers(model, env)
-    rng = rng_states(env)  # every rank's dropout stream: a resumed run continues each of them
-    if not env.is_master:
-        return
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step, "epoch": epoch,
-                 "best_metric": best, **configs,
-                 "teacher": None if teacher is None else {"name": teacher.name, "sha256": teacher.weights_sha256},
-                 "rng": rng,
-                 "git_sha": git_sha(), "format_version": FORMAT_VERSION}, path)
-    if teacher is not None and teacher.trainable:  # a tuned teacher is not ours to put in the student
-        save_atomic({"model": teacher.model.state_dict()}, path + ".teacher")
-
-
-def load_checkpoint(path: str, model: GroundingModel, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, teacher: CLIPTeacher | None, env: DeviceEnv) -> tuple[int, float]:
-    """Restore what save_checkpoint wrote (this rank's RNG streams included); returns (step, best metric)."""
-    ckpt = read_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], env)
-    if teacher is not None and teacher.trainable:
-        teacher.model.load_state_dict(read_checkpoint(path + ".teacher")["model"])
-    return ckpt["step"], ckpt["best_metric"]
+                    best: float, cfg: TrainConfig, env: DeviceEnv) -> None:
+    """out_dir/name with everything a resume needs (runtime.save_training_state), the configs, the teacher's name
+    and hash (a trainable teacher's weights go beside it, name + ".teacher", never inside the student's)."""
+    teacher_id = None if teacher is None else {"name": teacher.name, "sha256": teacher.weights_sha256}
+    runtime.save_training_state(os.path.join(cfg.out_dir, name), model, optimizer, scaler, env, {
+        **configs, "step": step, "epoch": epoch, "best_metric": best, "teacher": teacher_id,
+        "format_version": FORMAT_VERSION},
+        sidecar=teacher.model if teacher is not None and teacher.trainable else None)
 
 
 # What a resumed run may change: where and how fast it runs, when it stops and evaluates. Anything else would make
 # it a different run than the one it continues.
 RESUME_MAY_CHANGE = {"resume", "max_steps", "out_dir", "device", "dtype", "compile", "channels_last", "num_workers",
-                     "micro_batch", "eval_every", "eval_batch", "final_eval", "checkpoint_dir"}
+                     "micro_batch", "eval_every", "eval_batch", "final_eval", "checkpoint_dir", "save_every"}
 
 
 def resume_configs(configs: list, argv: list[str]) -> list:
@@ -278,12 +262,24 @@ def resume_configs(configs: list, argv: list[str]) -> list:
     configs: [TrainConfig, DataConfig, ModelConfig] as parsed; returns the same three, resumed."""
     path = configs[0].resume
     ckpt = read_checkpoint(path)
+    if "train_config" not in ckpt:
+        sd = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
+        what = ("an official TransVG checkpoint" if "vl_pos_embed.weight" in sd else
+                "a DETR checkpoint" if any(k.startswith("backbone.0.body.") for k in sd) else
+                "a model without its training state")
+        raise ValueError(f"--resume {path}: {what}, not a last.pt of train.py, so there is no run to continue. "
+                         f"Evaluate it with `python evaluate.py --ckpt {path}`, or start a new run from its visual "
+                         f"branch with --visual_init {path}")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"--resume {path}: format_version {ckpt.get('format_version')}, this train.py writes and "
-                         f"resumes {FORMAT_VERSION}")
+        raise ValueError(f"--resume {path}: written by a train.py of format {ckpt.get('format_version')} (git "
+                         f"{ckpt.get('git_sha', 'unknown')}); this one resumes format {FORMAT_VERSION}. Resume it "
+                         f"with the code it was written by, or evaluate it with evaluate.py --ckpt")
     saved = [ckpt[key] for key in ("train_config", "data_config", "model_config")]
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    return merge_resumed(configs, saved, given, RESUME_MAY_CHANGE, f"--resume {path}")
+    cfg, dcfg, mcfg = runtime.merge_resumed(configs, saved, given, RESUME_MAY_CHANGE, f"--resume {path}")
+    if "out_dir" not in given:  # the run goes on where its checkpoint is, wherever the folder has moved since
+        cfg = replace(cfg, out_dir=os.path.dirname(path) or ".")
+    return [cfg, dcfg, mcfg]
 
 
 # -----------------------------------------------------------------------------
@@ -292,15 +288,28 @@ def resume_configs(configs: list, argv: list[str]) -> list:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     argv = sys.argv[1:] if argv is None else argv
-    configs = parse_config(argv, [TrainConfig, data.DataConfig, ModelConfig], preset, __doc__)
+    configs = runtime.parse_config(argv, [TrainConfig, data.DataConfig, ModelConfig], preset, __doc__)
     if configs[0].resume:
         configs = resume_configs(configs, argv)
-    env = setup_device(configs[0].device)
+    env = runtime.setup_device(configs[0].device)
     try:
-        return train(*configs, env)[0]
+        return run(*configs, env)[0]
     finally:
         if env.ddp:
             dist.destroy_process_group()
+
+
+def run(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: DeviceEnv
+        ) -> tuple[dict[str, float], GroundingModel]:
+    """train() in a run folder of its own: claimed and locked first, released at the end whatever happens."""
+    out_dir, lock = runtime.claim_run_dir(cfg.out_dir, os.path.join("out", dcfg.dataset), cfg.resume,
+                                          cfg.overwrite, env)
+    cfg = replace(cfg, out_dir=out_dir)
+    try:
+        return train(cfg, dcfg, mcfg, env)
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: DeviceEnv
@@ -317,16 +326,16 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     if cfg.batch_size % per_step:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch x world_size = {per_step}")
     accum = cfg.batch_size // per_step
-    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # data
     sizes = {"imsize": mcfg.imsize, "max_query_len": mcfg.max_query_len}
-    train_set = EpochSeeded(data.make_dataset(dcfg, cfg.train_split, tokenizer, train=cfg.augment, **sizes), cfg.seed)
+    train_set = runtime.EpochSeeded(data.make_dataset(dcfg, cfg.train_split, tokenizer, train=cfg.augment, **sizes),
+                                    cfg.seed)
     eval_set = data.make_dataset(dcfg, cfg.eval_split, tokenizer, train=False, **sizes)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{dcfg.dataset}/{cfg.train_split} has {len(train_set)} samples, fewer than one batch")
-    total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    total_steps = min(cfg.max_steps or cfg.epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
 
     # model: the same init on every rank (DDP also broadcasts rank 0's weights). A resumed run takes every weight
     # from its checkpoint, so it builds the branches at random instead of fetching BERT and DETR again.
@@ -343,16 +352,19 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     teacher = None
     if cfg.distill != "none":
         teacher = CLIPTeacher(cfg.teacher, device=env.device, trainable=cfg.teacher_trainable,
-                              dtype=amp_dtype(env.device, cfg.dtype) or torch.float32,
+                              dtype=runtime.amp_dtype(env.device, cfg.dtype) or torch.float32,
                               text_cache_size=cfg.teacher_text_cache)
     cv, ct = model.distill_widths(cfg.distill_loc)  # the teacher runs only the towers the modality needs
     widths = (cv if cfg.distill_modality != "text" else None, ct if cfg.distill_modality != "image" else None)
     optimizer = torch.optim.AdamW(param_groups(model, teacher, cfg), weight_decay=cfg.weight_decay,
                                   fused=env.device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(env.device, cfg.dtype) == torch.float16)  # fp16 only
+    amp = runtime.amp_dtype(env.device, cfg.dtype)  # None = fp32
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # fp16 only: bf16 needs no loss scaling
     step, best, start = 0, -1.0, time.time()
     if cfg.resume:
-        step, best = load_checkpoint(cfg.resume, model, optimizer, scaler, teacher, env)
+        ckpt = runtime.load_training_state(cfg.resume, model, optimizer, scaler, env,
+                                           sidecar=teacher.model if teacher is not None and teacher.trainable else None)
+        step, best = ckpt["step"], ckpt["best_metric"]
         print0(f"resumed from {cfg.resume} at step {step} (epoch {step // steps_per_epoch}), best {best:.2f}")
     raw_model = model  # unwrapped and uncompiled: what checkpoints hold
     if cfg.compile:
@@ -383,20 +395,23 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
             bar.update(1)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{cfg.lr * factor:.1e}",
                              "img/s": f"{done * cfg.batch_size / (time.time() - t0):.1f}"})
+            if cfg.save_every and step % cfg.save_every == 0 and step != epoch_end:  # a crash loses minutes
+                save_checkpoint("last.pt", raw_model, optimizer, scaler, teacher, configs, step,
+                                step // steps_per_epoch, best, cfg, env)
             if eval_due(step, epoch_end, total_steps, cfg.eval_every):
-                sync_buffers(raw_model, env)
+                runtime.sync_buffers(raw_model, env)
                 metrics = evaluate(eval_model, eval_set, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
                                    dtype=cfg.dtype)[0]
                 if metrics["acc@0.5"] > best:
                     best = metrics["acc@0.5"]
-                    save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), raw_model, optimizer, scaler, teacher,
-                                    configs, step, step // steps_per_epoch, best, env)
+                    save_checkpoint("best.pt", raw_model, optimizer, scaler, teacher, configs, step,
+                                    step // steps_per_epoch, best, cfg, env)
                 print0(f"step {step}: {cfg.eval_split} Acc@0.5 {metrics['acc@0.5']:.2f} (best {best:.2f}), "
                        f"Acc@0.75 {metrics['acc@0.75']:.2f}, mIoU {metrics['miou']:.3f}")
                 metrics = {**metrics, "step": step}
         bar.close()
-        save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), raw_model, optimizer, scaler, teacher, configs, step,
-                        step // steps_per_epoch, best, env)
+        save_checkpoint("last.pt", raw_model, optimizer, scaler, teacher, configs, step, step // steps_per_epoch,
+                        best, cfg, env)
         if env.is_master:
             line = {"epoch": epoch, "step": step, "lr": cfg.lr * factor,
                     **{f"train_{k}": v / done for k, v in sums.items()},

@@ -29,16 +29,21 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 _GREY = torch.tensor([0.299, 0.587, 0.114])  # PIL's RGB -> "L" weights
 # -----------------------------------------------------------------------------
 # text: the words a flip and a crop have to respect
-# Whole words only (TransVG replaces substrings: "bright" -> "bleft", and "laptop" counts as "top").
-# "-most" forms are one word ("leftmost"); "left-most" splits at the hyphen, so both get swapped.
-_LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most)?\b)")
-# TransVG's five words, plus above/below: a crop can cut out the object they point at.
-_SPATIAL = re.compile(r"\b(?:left|right|top|bottom|middle)(?:most)?\b|\b(?:above|below)\b")
+# Whole words only (TransVG replaces substrings: "bright" -> "bleft", and "laptop" counts as "top"), in the forms
+# RefCOCO's writers use: a prefix (topleft, upperright, farleft) and a suffix (leftmost, leftside, lefthand,
+# rightward, leftest); "left-most", "far-left" and "left side" split into words, so they match too.
+_PREFIX, _SUFFIX = r"(?:top|bottom|upper|lower|far|middle|center|centre)?", r"(?:most|side|hand|wards?|est)?"
+_LEFT_RIGHT = re.compile(rf"\b({_PREFIX})(left|right)({_SUFFIX})\b")
+# TransVG's five words (and their forms above), centre, upper/lower, above/below: a crop can cut out what they
+# point at, or change which object they pick.
+_SPATIAL = re.compile(rf"\b{_PREFIX}(?:left|right|top|bottom|middle|center|centre|upper|lower){_SUFFIX}\b|"
+                      r"\b(?:above|below)\b")
 
 
 def swap_left_right(text: str) -> str:
-    """Swap the whole words left <-> right (also leftmost, left-most): the text side of a flip."""
-    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
+    """Swap the whole words left <-> right, in all their forms (leftmost, leftside, topleft, ...): the text side
+    of a flip."""
+    return _LEFT_RIGHT.sub(lambda m: m[1] + ("right" if m[2] == "left" else "left") + m[3], text)
 
 
 def has_spatial_word(text: str) -> bool:

@@ -22,7 +22,7 @@ if __name__ == "__main__":
                                    train.preset)
     env = setup_device(cfg.device)
     try:
-        metrics, model = train.train(cfg, dcfg, mcfg, env)
+        metrics, model = train.run(cfg, dcfg, mcfg, env)
     finally:
         dist.destroy_process_group()
     digest = hashlib.sha256()

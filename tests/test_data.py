@@ -184,6 +184,7 @@ def test_split_files_are_never_unpickled_unrestricted(tmp_path, word_tok):
 @pytest.mark.parametrize("bad, why", [
     (("a.jpg", 0, [1.0, 1.0, 0.7, 9.0], "x", []), "zero-area box"),  # width truncates to 0
     (("a.jpg", 0, [1, 1, 5, 5], "   ", []), "empty expression"),
+    (("a.jpg", 0, [1, 1, 5, 5], "\U0001f600\u200b !!", []), "expression without a word"),  # emoji, control, punct.
     (("a.jpg", 0, [1, 1, 5], "x", []), "box must be 4 finite numbers"),
     (("a.jpg", [1, 1, 5, 5], "x"), "expected a 5-tuple"),
     ((None, 0, [1, 1, 5, 5], "x", []), "img_file and phrase must be strings"),
@@ -196,6 +197,16 @@ def test_invalid_entries(bad, why, tmp_path, word_tok):
         open_split(tmp_path, "refcoco", "val", word_tok)
     with pytest.warns(UserWarning, match="skipped 1 invalid"):
         assert len(open_split(tmp_path, "refcoco", "val", word_tok, drop_invalid=True)) == 1
+
+
+def test_a_split_with_nothing_to_evaluate_is_refused_naming_the_file(tmp_path, word_tok):
+    fabricate(tmp_path, "refcoco")
+    make_split(tmp_path, "refcoco", "val", [])
+    with pytest.raises(ValueError, match=r"no usable entries in .*unc_val.pth \(the split file is empty\)"):
+        open_split(tmp_path, "refcoco", "val", word_tok)
+    make_split(tmp_path, "refcoco", "val", [("a.jpg", 0, [1, 1, 5, 5], "", [])])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"unc_val.pth \(1 invalid, skipped\)"):
+        open_split(tmp_path, "refcoco", "val", word_tok, drop_invalid=True)
 
 
 def test_bad_and_odd_images(tmp_path, word_tok):

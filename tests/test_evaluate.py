@@ -84,8 +84,6 @@ def test_single_image_prediction(checkpoint, tmp_path):
     assert 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H
     picture = decode_png(read_file(out["picture"]))  # enlarged to a 480 long side, plus the caption bar
     assert picture.shape[0] == 3 and max(picture.shape[1:]) >= 480
-    with pytest.raises(ValueError, match="empty"):
-        evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'photo.png'}", "--text=  "])
     with pytest.raises(FileNotFoundError, match="nothing.png"):
         evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'nothing.png'}", "--text=a"])
 
@@ -98,3 +96,50 @@ def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="neither our checkpoint"):
         evaluate.main([f"--ckpt={tmp_path / 'other.pt'}", "--device=cpu"])
+
+
+# -----------------------------------------------------------------------------
+# refused up front, with the value named
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text=the red circle"], "--text and --image together"),
+    (["--image=photo.png"], "--text and --image together"),
+    (["--image=photo.png", "--text=  "], "an expression with a word in it"),
+    (["--image=photo.png", "--text=\U0001f600 \u200b!!"], "an expression with a word in it"),  # emoji, control, punctuation
+    (["--json=/nonexistent/dir/x.json"], "a file in an existing folder you can write to, got '/nonexistent"),
+    (["--dataset=refcocoo"], "--dataset: expected one of refcoco"),
+])
+def test_bad_arguments_are_refused_before_anything_is_loaded(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt=never_read.pt", *argv])  # the checkpoint is not even opened
+    assert message in capsys.readouterr().err
+
+
+def test_a_tokenizer_too_big_for_the_checkpoints_text_encoder_is_refused(checkpoint, tmp_path):
+    data.write_vocab(str(tmp_path / "big"), [f"w{i}" for i in range(200)])
+    with pytest.raises(SystemExit, match=r"205 tokens but the checkpoint's text encoder embeds \d+"):
+        evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--tokenizer={tmp_path / 'big'}"])
+
+
+def test_an_expression_the_tokenizer_does_not_know_is_refused(checkpoint, tmp_path):
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    write_png(image, str(tmp_path / "photo.png"))
+    with pytest.raises(ValueError, match="knows none of its words"):
+        evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'photo.png'}",
+                       "--text=zebra umbrella", f"--out_dir={tmp_path}"])
+
+
+def test_drop_invalid_skips_bad_entries_and_the_table_counts_them(checkpoint, tmp_path, capsys):
+    from test_data import FORMATS, fabricate, make_split
+
+    fabricate(tmp_path, "refcoco", n=2)
+    entries = torch.load(tmp_path / "splits" / "unc" / "unc_val.pth", weights_only=True)
+    make_split(tmp_path, "refcoco", "val", entries + [FORMATS["refcoco"][0]("im0.jpg", [1, 1, 0, 5], "zero width")])
+    flags = [f"--ckpt={checkpoint}", "--device=cpu", "--num_workers=0", "--dataset=refcoco", "--split=val",
+             f"--split_root={tmp_path / 'splits'}", f"--data_root={tmp_path / 'images'}"]
+    with pytest.raises(ValueError, match=r"(?s)1 invalid entries \(--drop_invalid skips them\).*entry 2: zero-area box"):
+        evaluate.main(flags)
+    results = evaluate.main(flags + ["--drop_invalid"])
+    assert results["val"]["n"] == 2 and results["val"]["skipped"] == 1
+    assert "(1 invalid entries skipped, not counted)" in capsys.readouterr().out

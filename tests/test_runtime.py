@@ -3,12 +3,15 @@
 Run: python -m pytest -q tests/test_runtime.py
 """
 import dataclasses
+import errno
+import os
 
 import pytest
 import torch
 
 import bench
 import data
+import runtime
 import train
 from runtime import EpochSeeded, amp_dtype, epoch_indices, merge_resumed, parse_config
 
@@ -108,3 +111,43 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_not_of_the_draw_orde
     assert torch.equal(torch.get_rng_state(), state)
     ds.epoch = 1
     assert [ds[i] for i in range(4)] != forward
+
+
+# -----------------------------------------------------------------------------
+# files: checkpoints never half-written, one run per folder
+
+
+def test_save_atomic_replaces_whole_files_and_leaves_no_temp_files(tmp_path):
+    path = str(tmp_path / "last.pt")
+    runtime.save_atomic({"step": 1}, path)
+    runtime.save_atomic({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2} and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_disk_full_names_the_file_keeps_the_old_checkpoint_and_cleans_up(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    runtime.save_atomic({"step": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)  # a part of it made it to the disk
+        raise RuntimeError("unexpected pos") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"no space left writing {path}; the previous checkpoint is intact"):
+        runtime.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["last.pt"]
+    with pytest.raises(OSError, match="nothing was written"):
+        monkeypatch.setattr(runtime.torch, "save", full_disk)
+        runtime.save_atomic({"step": 2}, str(tmp_path / "best.pt"))
+
+
+def test_a_run_folder_takes_one_run_at_a_time_and_loses_stale_temp_files(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt.x1y2.tmp").write_bytes(b"half a checkpoint from a killed run")
+    lock = runtime.lock_run_dir(str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "last.pt.x1y2.tmp").exists()
+    with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+        runtime.lock_run_dir(str(tmp_path / "run"))
+    lock.close()  # what the OS does when the holder dies, even by kill -9
+    runtime.lock_run_dir(str(tmp_path / "run")).close()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate
+import runtime
 import train
 from clip_teacher import CLIPTeacher
 from model import GroundingModel, read_checkpoint
@@ -180,3 +181,91 @@ def test_two_process_step_equals_one_process_step_on_the_same_global_batch(tmp_p
         assert torch.allclose(two[k], v, atol=1e-5, rtol=1e-4), k
     # and the comparison means something: one AdamW step (lr 2e-4) moves weights 10x more than that tolerance
     assert (one["bbox_head.4.weight"] - first["bbox_head.4.weight"]).abs().max() > 1e-4
+
+
+# -----------------------------------------------------------------------------
+# runs never destroy each other, a crash loses minutes, bad input is refused up front
+
+
+def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_train_flags):
+    train.main(tiny_train_flags(tmp_path, "--max_steps=2", "--final_eval=false"))
+    before = digest(tmp_path / "last.pt")
+    with pytest.raises(FileExistsError, match=f"--out_dir {tmp_path} holds a run \\(last.pt, best.pt, log.jsonl, config.json\\)"
+                                              f": pass --resume {tmp_path / 'last.pt'} to continue it, --overwrite"):
+        train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--lr=1e-3"))
+    assert digest(tmp_path / "last.pt") == before  # untouched
+    train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--overwrite"))
+    assert read_checkpoint(str(tmp_path / "last.pt"))["step"] == 1
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1  # the old run's log went with it
+
+
+def test_without_out_dir_a_run_takes_the_next_free_folder(tmp_path, tiny_train_flags, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = [f for f in tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--save_every=0")
+             if not f.startswith("--out_dir")]
+    train.main(flags)
+    train.main(flags)
+    assert (tmp_path / "out" / "shapes" / "last.pt").exists() and (tmp_path / "out" / "shapes_2" / "last.pt").exists()
+
+
+def test_two_runs_cannot_share_a_folder(tmp_path, tiny_train_flags):
+    lock = runtime.lock_run_dir(str(tmp_path))  # another run holds it
+    try:
+        with pytest.raises(RuntimeError, match=f"{tmp_path} is in use by another run \\(pid {os.getpid()}\\)"):
+            train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false"))
+    finally:
+        lock.close()
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_crash_mid_epoch_loses_only_the_steps_since_save_every(tmp_path, tiny_train_flags, monkeypatch):
+    # 3 steps per epoch; a crash during step 5 leaves the step-4 checkpoint, and resuming it is bit-exact
+    flags = ["--epochs=2", "--final_eval=false", "--save_every=1"]
+    train.main(tiny_train_flags(tmp_path / "full", *flags, "--max_steps=6"))
+    real = train.optimizer_step
+
+    def crash_at_step_4(*args):
+        if args[-1] == 4:
+            raise KeyboardInterrupt  # like a kill: nothing after this point runs
+        return real(*args)
+
+    monkeypatch.setattr(train, "optimizer_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_train_flags(tmp_path / "cut", *flags, "--max_steps=6"))
+    monkeypatch.undo()
+    assert read_checkpoint(str(tmp_path / "cut" / "last.pt"))["step"] == 4
+    train.main(tiny_train_flags(tmp_path / "cut", *flags, "--max_steps=6", f"--resume={tmp_path / 'cut' / 'last.pt'}"))
+    full, cut = (read_checkpoint(str(tmp_path / d / "last.pt")) for d in ("full", "cut"))
+    assert full["step"] == cut["step"] == 6
+    assert all(torch.equal(v, cut["model"][k]) for k, v in full["model"].items())
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--dataset=refcocoo", "--dataset: expected one of refcoco, refcoco+"), ("--micro_batch=0", "--micro_batch: expected >= 1"),
+    ("--lr=-1", "--lr: expected > 0, got -1.0"), ("--epochs=0", "--epochs: expected >= 1, got 0"),
+    ("--batch_size=10", "--batch_size: expected a multiple of micro_batch = 4, got 10"),
+    ("--distill_loc=loc5", "--distill_loc: expected loc1"), ("--imsize=100", "--imsize: expected a multiple of the stride"),
+])
+def test_bad_values_are_refused_when_the_flags_are_read(flag, message, tmp_path, tiny_train_flags, capsys):
+    with pytest.raises(SystemExit):
+        train.main(tiny_train_flags(tmp_path, flag))
+    assert message in capsys.readouterr().err
+    assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_a_query_longer_than_berts_position_table_is_refused_before_training(tmp_path, tiny_train_flags):
+    with pytest.raises(ValueError, match="--max_query_len 40 is more than the text encoder .* holds: its position "
+                                         "table has 32 rows"):
+        train.main(tiny_train_flags(tmp_path, "--max_query_len=40"))
+    assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_resuming_a_file_train_py_did_not_write_says_what_it_is(tmp_path):
+    sd = {"vl_pos_embed.weight": torch.zeros(3, 2), "visumodel.backbone.0.body.conv1.weight": torch.zeros(1)}
+    torch.save({"model": sd, "args": {}}, tmp_path / "TransVG_unc.pth")
+    with pytest.raises(ValueError, match="an official TransVG checkpoint, not a last.pt of train.py.*evaluate.py "
+                                         "--ckpt .*--visual_init"):
+        train.main([f"--resume={tmp_path / 'TransVG_unc.pth'}"])
+    torch.save({"model": {}, "train_config": {}, "format_version": 1, "git_sha": "abc"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="format 1 \\(git abc\\); this one resumes format 2"):
+        train.main([f"--resume={tmp_path / 'old.pt'}"])

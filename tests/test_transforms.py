@@ -44,6 +44,12 @@ def check_box_covers_rectangle(sample, imsize):
     ("the left's wheel", "the right's wheel"),
     ("bright light, cleft, lefty, copyright, lefties", "bright light, cleft, lefty, copyright, lefties"),
     ("top left", "top right"),
+    ("the leftside car, the rightside one", "the rightside car, the leftside one"),
+    ("lefthand glove", "righthand glove"),
+    ("topleft corner, bottomright, upperleft", "topright corner, bottomleft, upperright"),
+    ("upper-left, far-right guy", "upper-right, far-left guy"),
+    ("rightest man walking leftward", "leftest man walking rightward"),
+    ("alright, rightly, leftover, lefthanded", "alright, rightly, leftover, lefthanded"),
     ("", ""),
 ])
 def test_flip_swaps_whole_words_only(text, swapped):
@@ -55,6 +61,8 @@ def test_flip_swaps_whole_words_only(text, swapped):
     ("laptop", False), ("the stop sign", False), ("bottomless cup", False), ("brighter", False),
     ("top", True), ("man in the middle", True), ("leftmost", True), ("left-most", True),
     ("topmost box", True), ("the cup above the plate", True), ("bottom right", True),
+    ("the leftside car", True), ("topleft", True), ("centre", True), ("lower one", True), ("uppermost", True),
+    ("bottomless", False), ("centered", False), ("slower", False),
 ])
 def test_spatial_words_are_whole_words(text, spatial):
     assert transforms.has_spatial_word(text) is spatial

@@ -117,10 +117,14 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_not_of_the_draw_orde
 # files: checkpoints never half-written, one run per folder
 
 
-def test_save_atomic_replaces_whole_files_and_leaves_no_temp_files(tmp_path):
+def test_save_atomic_syncs_file_and_folder_and_leaves_no_temp_files(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     runtime.save_atomic({"step": 1}, path)
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(runtime.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
     runtime.save_atomic({"step": 2}, path)
+    assert synced[0].startswith(path + ".") and synced[0].endswith(".tmp")  # the data, before the rename
+    assert synced[1] == str(tmp_path)  # then the folder, so that the rename itself is on the disk
     assert torch.load(path, weights_only=True) == {"step": 2} and os.listdir(tmp_path) == ["last.pt"]
 
 

@@ -1,40 +1,50 @@
-"""Official TransVG checkpoints as GroundingModels: their keys, the architecture read off their weights, loading.
+"""Official TransVG and QRNet checkpoints as GroundingModels: their keys, the architecture read off their weights.
 
-    model = interop.load_model("TransVG_unc.pth")      # or one of ours: the same call, the same GroundingModel
+    model = interop.load_model("TransVG_unc.pth")      # or QRNet's, or one of ours: the same call, a GroundingModel
 
-An official checkpoint ({'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'val_accu'}, written by TransVG's
-train.py with a pickled argparse.Namespace, which read_checkpoint allows and nothing else) is mapped key by key onto
-ours and loaded strictly. Parity with the official code (same pred_boxes and fusion outputs on the same inputs):
-tests/test_transvg_parity.py and the README.
+An official checkpoint ({'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'val_accu'}, written by TransVG's or
+QRNet's train.py with a pickled argparse.Namespace, which read_checkpoint allows and nothing else) is mapped key by
+key onto ours and loaded strictly. Parity with the official code (same pred_boxes, fusion outputs and, for QRNet, neck
+outputs on the same inputs): tests/test_transvg_parity.py, tests/test_qrnet_parity.py and the README.
 
-References: TransVG, github.com/djiajunustc/TransVG @ c862427 (models/trans_vg.py, train.py).
+References: TransVG, github.com/djiajunustc/TransVG @ c862427 (models/trans_vg.py, train.py); QRNet,
+github.com/LukeForeverYoung/QRNet @ 6aaa23c (models/trans_vg.py TransVGSwin, train.py).
 """
+
+import math
+import os
 
 import torch
 
+import qrnet
 from model import GroundingModel, ModelConfig, read_checkpoint, rename_keys
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu", ckpt: dict | None = None) -> GroundingModel:
     """The model any checkpoint we read holds, built with no network access, in eval mode: ours (train.py) or an
-    official TransVG one. ckpt: the file's contents if the caller has already read them (read_checkpoint)."""
+    official TransVG or QRNet one. ckpt: the file's contents if the caller has already read them (read_checkpoint)."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if "model_config" in ckpt:
         return GroundingModel.from_checkpoint(path, map_location, ckpt)
     sd = ckpt.get("model")
     if not (isinstance(sd, dict) and "vl_pos_embed.weight" in sd):
-        raise ValueError(f"{path}: neither our checkpoint (no 'model_config') nor TransVG's (no 'model' dict with "
-                         f"vl_pos_embed.weight)")
-    cfg = transvg_config(sd, ckpt.get("args") or {})
-    model = GroundingModel(cfg)
-    model.load_state_dict(transvg_to_ours(sd, cfg.max_query_len))
+        raise ValueError(f"{path}: neither our checkpoint (no 'model_config') nor TransVG's or QRNet's (no 'model' "
+                         f"dict with vl_pos_embed.weight)")
+    is_qrnet = "scale_embed.weight" in sd  # QRNet's TransVGSwin; TransVG has no scale embedding
+    try:
+        cfg = (qrnet_config if is_qrnet else transvg_config)(sd, ckpt.get("args") or {})
+        model = GroundingModel(cfg)
+        model.load_state_dict((qrnet_to_ours if is_qrnet else transvg_to_ours)(sd, cfg.max_query_len))
+    except (KeyError, ValueError, RuntimeError) as e:  # a checkpoint that does not fit: say which file
+        raise type(e)(f"{path}: {e}") from e
     return model.to(map_location).eval()
 
 
 # -----------------------------------------------------------------------------
 # TransVG: key mapping both ways, and the architecture read off the weights
 
-# TransVG key prefix -> ours. textmodel.bert.pooler.* has no counterpart (we drop the unused pooler).
+# TransVG key prefix -> ours. textmodel.bert.pooler.* has no counterpart (we drop the unused pooler). QRNet shares
+# every prefix after the visual branch's (its visumodel.* go through qrnet.official_to_ours).
 TRANSVG_PREFIXES = {
     "visumodel.backbone.0.body.": "backbone.",
     "visumodel.input_proj.": "input_proj.",
@@ -60,8 +70,10 @@ def _rename_all(sd: dict, prefixes: dict[str, str]) -> dict:
 
 def transvg_to_ours(sd: dict, max_query_len: int) -> dict:
     """Map an official TransVG state dict to ours: rename keys, drop BERT's pooler, and reorder the position rows
-    from TransVG's [REG, L text, N visual] to the paper's [REG, N visual, L text]."""
-    sd = _rename_all({k: v for k, v in sd.items() if not k.startswith("textmodel.bert.pooler.")}, TRANSVG_PREFIXES)
+    from TransVG's [REG, L text, N visual] to the paper's [REG, N visual, L text]. BERT's position_ids buffer, which
+    transformers 4 saved and 5 recomputes, is dropped too (QRNet's checkpoints hold it)."""
+    unused = ("textmodel.bert.pooler.", "textmodel.bert.embeddings.position_ids")
+    sd = _rename_all({k: v for k, v in sd.items() if not k.startswith(unused)}, TRANSVG_PREFIXES)
     pos, L = sd["pos_embed"], max_query_len
     sd["pos_embed"] = torch.cat([pos[:1], pos[1 + L:], pos[1:1 + L]])
     return sd
@@ -125,18 +137,74 @@ def bert_config_from_weights(sd: dict, prefix: str) -> dict:
     }
 
 
+def _fusion_config(sd: dict, args: dict) -> dict:
+    """The ModelConfig fields TransVG and QRNet share (BERT, fusion), read off the weights and, for the rest, args.
+    A --bert_model path that is not here (QRNet's default ./checkpoints/bert-base-uncased) becomes its hub name."""
+    bert = str(args.get("bert_model", "bert-base-uncased"))
+    return dict(
+        imsize=int(args.get("imsize", 640)), hidden_dim=sd["reg_token.weight"].shape[1],
+        nheads=int(args.get("vl_nheads", 8)), dropout=float(args.get("vl_dropout", 0.1)),
+        dim_feedforward=sd["vl_transformer.encoder.layers.0.linear1.weight"].shape[0],
+        vl_layers=_count_blocks(sd, "vl_transformer.encoder.layers."),
+        text_encoder=bert if os.path.isdir(bert) else os.path.basename(bert.rstrip("/")), text_init="random",
+        text_config=bert_config_from_weights(sd, "textmodel.bert."), visual_init="random")
+
+
 def transvg_config(sd: dict, args: dict) -> ModelConfig:
     """Infer our ModelConfig from the shapes of an official TransVG state dict (args only fill what shapes can't)."""
     if any(k.startswith("visumodel.backbone.1.") for k in sd):
         raise ValueError("TransVG checkpoints with --position_embedding learned are not supported (sine only)")
     backbone = _transvg_resnet(sd)
     dilation, max_query_len = _transvg_tokens(sd, args, backbone)
-    return ModelConfig(
-        backbone=backbone, dilation=dilation, imsize=int(args.get("imsize", 640)),
-        hidden_dim=sd["reg_token.weight"].shape[1], nheads=int(args.get("vl_nheads", 8)),
-        dropout=float(args.get("vl_dropout", 0.1)),
-        dim_feedforward=sd["vl_transformer.encoder.layers.0.linear1.weight"].shape[0],
-        enc_layers=_count_blocks(sd, "visumodel.transformer.encoder.layers."),
-        vl_layers=_count_blocks(sd, "vl_transformer.encoder.layers."), max_query_len=max_query_len,
-        text_encoder=str(args.get("bert_model", "bert-base-uncased")), text_init="random",
-        text_config=bert_config_from_weights(sd, "textmodel.bert."), visual_init="random")
+    return ModelConfig(backbone=backbone, dilation=dilation, max_query_len=max_query_len,
+                       enc_layers=_count_blocks(sd, "visumodel.transformer.encoder.layers."),
+                       **_fusion_config(sd, args))
+
+
+# -----------------------------------------------------------------------------
+# QRNet: the visual branch's keys through qrnet.py, the rest as TransVG's
+
+
+def qrnet_to_ours(sd: dict, max_query_len: int) -> dict:
+    """Map an official QRNet state dict to ours: Swin, QD-ATT and neck by qrnet.official_to_ours, the rest as
+    TransVG's (position rows reordered); dropped, as they never run: BERT's pooler, the RPN head, scale-embedding
+    rows 0-2 (QRNet adds rows 3 and 4 to its stride-32 and stride-64 levels)."""
+    visual, rest = qrnet.official_to_ours(sd, "visumodel.backbone.", "visumodel.neck.", into="backbone.")
+    rest = {k: sd[k] for k in rest if not k.startswith(("visumodel.rpn_head.", "scale_embed."))}
+    return {**visual, **transvg_to_ours(rest, max_query_len), "backbone.scale_embed": sd["scale_embed.weight"][3:5]}
+
+
+def ours_to_qrnet(sd: dict, max_query_len: int) -> dict:
+    """The inverse of qrnet_to_ours, without what it drops (scale-embedding rows 0-2 come back as zeros)."""
+    sd = dict(sd)
+    scale = sd.pop("backbone.scale_embed")  # (2,D)
+    visual = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    rest = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+    unused = scale.new_zeros(3, scale.shape[1])  # rows 0-2, which QRNet never reads
+    return {**qrnet.ours_to_official(visual, "visumodel.backbone.", "visumodel.neck."),
+            **ours_to_transvg(rest, max_query_len), "scale_embed.weight": torch.cat([unused, scale])}
+
+
+def qrnet_config(sd: dict, args: dict) -> ModelConfig:
+    """Infer our ModelConfig from the shapes of an official QRNet state dict: the Swin's sizes (drop-path, which
+    leaves no trace, is QRNet's 0.2), and the query length from the position rows, 1 + L + n^2 + ceil(n/2)^2 with
+    n = imsize / 32."""
+    p = "visumodel.backbone.layers."
+    tables = [sd[f"{p}{s}.blocks.0.attn.relative_position_bias_table"] for s in range(4)]  # ((2w-1)^2, heads)
+    sizes = {"embed_dim": sd["visumodel.backbone.patch_embed.proj.weight"].shape[0],
+             "depths": [_count_blocks(sd, f"{p}{s}.blocks.") for s in range(4)],
+             "num_heads": [t.shape[1] for t in tables], "window_size": (math.isqrt(tables[0].shape[0]) + 1) // 2,
+             "drop_path": 0.2}
+    named = next((name for name, s in qrnet.SWIN_SIZES.items() if s == sizes), None)
+    fusion = _fusion_config(sd, args)
+    neck = sd["visumodel.neck.lateral_convs.0.conv.weight"].shape[0]
+    if neck != fusion["hidden_dim"]:
+        raise ValueError(f"QRNet neck width {neck} differs from the fusion width {fusion['hidden_dim']}: unsupported")
+    n = fusion["imsize"] // 32
+    max_query_len = sd["vl_pos_embed.weight"].shape[0] - 1 - n * n - ((n + 1) // 2) ** 2
+    if args.get("max_query_len", max_query_len) != max_query_len or max_query_len < 2:
+        raise ValueError(f"checkpoint args say max_query_len={args.get('max_query_len')} but its "
+                         f"{sd['vl_pos_embed.weight'].shape[0]} position rows at imsize {fusion['imsize']} imply "
+                         f"{max_query_len}")
+    return ModelConfig(backbone=named or "swin_toy_qrnet", swin=None if named else sizes, max_query_len=max_query_len,
+                       **fusion)

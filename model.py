@@ -1,4 +1,4 @@
-"""The student: TransVG's grounding model (paper sec. 3.1), our checkpoints, and DETR / ResNet initialisation.
+"""The student: TransVG's grounding model (paper sec. 3.1) or QRNet's, our checkpoints, DETR / ResNet / Swin init.
 
     image (B,3,S,S) -> ResNet -> 1x1 conv -> + sine position -> DETR encoder ----> visual_proj -+
                                                                                                  +-> [REG | visual | text]
@@ -6,6 +6,8 @@
                                                                                                  -> fusion transformer
                                                                                                  -> MLP on [REG] -> sigmoid
                                                                                                  -> box (cx, cy, w, h) in [0,1]
+QRNet (--backbone swin_s_qrnet; qrnet.py, which also says how it differs from the official code) has instead of
+ResNet + DETR encoder a Swin and a neck gated by BERT's last-layer [CLS] (QD-ATT); fusion and head are the same.
 References
   EpmVG paper, arXiv 2312.17648, sec. 3.1 (eq. 1-4) and Appendix A (distillation locations).
   TransVG, github.com/djiajunustc/TransVG @ c862427: models/trans_vg.py, vl_transformer.py, visual_model/*.
@@ -33,13 +35,16 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 from transformers import BertConfig, BertModel
 
+import qrnet
+
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # torchvision resnet18/34/50/101; the paper uses 50 and 101
+    backbone: str = "resnet50"  # TransVG: resnet18/34/50/101 (paper: 50, 101); QRNet: swin_s_qrnet, swin_toy_qrnet
+    swin: dict | None = None  # QRNet's Swin sizes (as in qrnet.SWIN_SIZES); None = those its backbone name gives
     dilation: bool = False  # dilate layer4 (stride 16 instead of 32): 4x the visual tokens
     trainable_bn: bool = False  # False: TransVG's frozen BN, stem and layer1 (pretrained weights); True: all train
     imsize: int = 640  # side of the square padded canvas the model is built for
@@ -53,12 +58,13 @@ class ModelConfig:
     text_encoder: str = "bert-base-uncased"  # HF hub name or local directory of a BERT model
     text_init: str = "pretrained"  # "pretrained" (weights of text_encoder) or "random"
     text_config: dict | None = None  # BertConfig fields; filled at build time so a checkpoint rebuilds offline
-    visual_init: str = "random"  # "random", "imagenet" (torchvision), or a DETR / ResNet checkpoint path
+    visual_init: str = "random"  # "random", "imagenet" (a ResNet's), or a DETR / ResNet / Mask R-CNN Swin-S path
 
     def __post_init__(self) -> None:  # refused here, when the flags are read, not after minutes of loading
         stride = 16 if self.dilation else 32
         for name, ok, expected in [
-                ("backbone", self.backbone in RESNETS, f"one of {', '.join(RESNETS)}"),
+                ("backbone", self.backbone in BACKBONES, f"one of {', '.join(BACKBONES)}"),
+                ("visual_init", self.visual_init != "imagenet" or self.backbone in RESNETS, "not imagenet (a ResNet's)"),
                 ("dilation", not self.dilation or self.backbone in ("resnet50", "resnet101"), "a bottleneck ResNet"),
                 ("imsize", self.imsize > 0 and self.imsize % stride == 0, f"a multiple of the stride {stride}"),
                 ("nheads", self.nheads >= 1, ">= 1"),
@@ -73,6 +79,7 @@ class ModelConfig:
 
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = RESNETS + tuple(qrnet.SWIN_SIZES)
 # BertConfig fields that fully determine the architecture (and hence the parameter shapes).
 BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
@@ -197,16 +204,20 @@ class GroundingModel(nn.Module):
         self.cfg = cfg
         D = cfg.hidden_dim
         self.stride = 16 if cfg.dilation else 32
-        self.num_visual = (cfg.imsize // self.stride) ** 2  # N: 400 for a 640 canvas
-        # visual branch: ResNet -> 1x1 conv -> DETR encoder (names as in DETR so its checkpoints map 1:1)
-        self.backbone = build_resnet(cfg.backbone, cfg.dilation, "imagenet" if cfg.visual_init == "imagenet" else "",
-                                     cfg.trainable_bn)
-        self.cnn_channels = self.backbone.layer4[-1].conv1.in_channels  # C: 2048 (bottleneck) or 512 (basic)
-        self.input_proj = nn.Conv2d(self.cnn_channels, D, kernel_size=1)
-        self.visual_encoder = Encoder(cfg.enc_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
+        n, self.qrnet = cfg.imsize // self.stride, cfg.backbone in qrnet.SWIN_SIZES
+        self.num_visual = n * n + ((n + 1) // 2) ** 2 * self.qrnet  # N: 400 for a 640 canvas (QRNet: + 100)
+        if not self.qrnet:  # visual branch: ResNet -> 1x1 conv -> DETR encoder (names as in DETR: its checkpoints map)
+            self.backbone = build_resnet(cfg.backbone, cfg.dilation, "imagenet" if cfg.visual_init == "imagenet"
+                                         else "", cfg.trainable_bn)
+            self.cnn_channels = self.backbone.layer4[-1].conv1.in_channels  # C: 2048 (bottleneck) or 512 (basic)
+            self.input_proj = nn.Conv2d(self.cnn_channels, D, kernel_size=1)
+            self.visual_encoder = Encoder(cfg.enc_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         # linguistic branch (train.py fills cfg.text_config first, resolve_text_config, so checkpoints rebuild it)
         self.text_encoder = build_bert(cfg)
         bert = self.text_encoder.config
+        if self.qrnet:  # after BERT: its visual branch is conditioned on BERT's [CLS], of BERT's width
+            self.backbone = qrnet.QRNetVisual(cfg.swin or qrnet.SWIN_SIZES[cfg.backbone], D, bert.hidden_size)
+            self.cnn_channels = self.backbone.widths[-1]  # C: Swin's last stage
         check_text_length(cfg, bert.max_position_embeddings)
         # fusion: projections to D, [REG], learned positions for [REG | N visual | L text], the transformer
         self.visual_proj = nn.Linear(D, D)
@@ -237,25 +248,30 @@ class GroundingModel(nn.Module):
              loc2 the same two tokens right after visual_proj / text_proj (fusion inputs);
              loc3 DETR encoder output (first token) and BERT's last layer at [CLS];
              loc4 ResNet output (first cell, top-left) and BERT's embedding-layer output at [CLS].
+          QRNet, which has neither: loc3 the neck's first token (stride 32, with its scale embedding), loc4 Swin's.
         """
         B, _, S, S2 = images.shape
         L = input_ids.shape[1]
         if (S, S2) != (self.cfg.imsize,) * 2 or L != self.cfg.max_query_len:
             raise ValueError(f"model expects {self.cfg.imsize}x{self.cfg.imsize} images and {self.cfg.max_query_len} "
                              f"tokens (ModelConfig.imsize/max_query_len), got {S}x{S2} and {L}")
-        # visual branch
-        x = images
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            x = getattr(self.backbone, name)(x)
-        cnn = x  # (B,C,h,w)
-        # A cell is padding iff the pixel at its top-left corner is (nearest resize at an exact stride): TransVG's rule.
-        feat_is_pad = F.interpolate(img_is_pad[:, None].float(), size=cnn.shape[-2:]).squeeze(1).bool()  # (B,h,w)
-        pos = sine_position_embedding(feat_is_pad, self.cfg.hidden_dim).to(cnn.dtype)  # (B,N,D)
-        vis_is_pad = feat_is_pad.flatten(1)  # (B,N)
-        vis = self.input_proj(cnn).flatten(2).transpose(1, 2)  # (B,N,D)
-        vis = self.visual_encoder(vis, pos, vis_is_pad)  # (B,N,D)
-        # linguistic branch: every token of the last layer, pads masked in the fusion
-        bert = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        text = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
+        if self.qrnet:  # BERT first: its last-layer [CLS] is the query (not detached: QD-ATT's gradient trains BERT)
+            bert = self.text_encoder(**text)
+            vis, vis_is_pad, cnn = self.backbone(images, img_is_pad, bert.last_hidden_state[:, 0])  # (B,N,D), ...
+        else:  # visual branch
+            x = images
+            for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+                x = getattr(self.backbone, name)(x)
+            cnn = x  # (B,C,h,w)
+            # A cell is padding iff the pixel at its top-left corner is (nearest resize at an exact stride): TransVG's.
+            feat_is_pad = F.interpolate(img_is_pad[:, None].float(), size=cnn.shape[-2:]).squeeze(1).bool()  # (B,h,w)
+            pos = sine_position_embedding(feat_is_pad, self.cfg.hidden_dim).to(cnn.dtype)  # (B,N,D)
+            vis_is_pad = feat_is_pad.flatten(1)  # (B,N)
+            vis = self.input_proj(cnn).flatten(2).transpose(1, 2)  # (B,N,D)
+            vis = self.visual_encoder(vis, pos, vis_is_pad)  # (B,N,D)
+            # linguistic branch: every token of the last layer, pads masked in the fusion
+            bert = self.text_encoder(**text)
         txt = bert.last_hidden_state  # (B,L,H)
         txt_is_pad = attention_mask == 0  # (B,L)
         # fusion, eq. 1: X = [p_r, p_v, p_l]
@@ -380,11 +396,15 @@ RESNET_PREFIXES = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer"
 def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[str]]:
     """Initialise the visual branch from a DETR checkpoint ({'model': {backbone.0.body.*, input_proj.*,
     transformer.encoder.*, ...}}), the visual branch of a TransVG checkpoint (visumodel.*), or a torchvision ResNet
-    state dict (conv1.weight, layer1.*, ...).
+    state dict (conv1.weight, layer1.*, ...); QRNet's from a trained QRNet's or an mmdet Mask R-CNN Swin-S (Swin and
+    lateral convs of {'state_dict': {backbone.*, neck.*, rpn_head.*, roi_head.*}}; QD-ATT keeps its init).
     Returns {"loaded": [...], "ignored": [...]} and prints a summary; raises if the file does not fit the model."""
     ckpt = read_checkpoint(path)
-    sd = ckpt.get("model", ckpt)
-    if any(k.startswith("backbone.0.body.") for k in sd):
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt))  # DETR's, TransVG's and QRNet's 'model', mmdet's 'state_dict'
+    swin = next((p for p in ("", "visumodel.") if f"{p}backbone.patch_embed.proj.weight" in sd), None)  # mmdet names
+    if swin is not None:
+        prefixes, expected = None, ("backbone.",)
+    elif any(k.startswith("backbone.0.body.") for k in sd):
         prefixes, expected = DETR_PREFIXES, ("backbone.", "input_proj.", "visual_encoder.")
     elif any(k.startswith("visumodel.backbone.0.body.") for k in sd):  # a trained TransVG: its DETR-shaped branch
         prefixes = {"visumodel." + k: v for k, v in DETR_PREFIXES.items()}
@@ -393,13 +413,16 @@ def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[s
         prefixes, expected = RESNET_PREFIXES, ("backbone.",)
     else:
         raise ValueError(f"{path}: expected a DETR checkpoint (keys backbone.0.body.*, input_proj.*, "
-                         f"transformer.encoder.*) or a torchvision ResNet state dict (conv1.weight, layer1.*); "
-                         f"found keys like {sorted(sd)[:5]}")
+                         f"transformer.encoder.*), a torchvision ResNet state dict (conv1.weight, layer1.*) or an "
+                         f"mmdet Swin (backbone.patch_embed.*, backbone.layers.*); found keys like {sorted(sd)[:5]}")
     counters = [k for k in sd if k.endswith("num_batches_tracked")]  # BatchNorm's step counter, not a weight
-    mapped, ignored = rename_keys({k: v for k, v in sd.items() if k not in counters}, prefixes)
+    sd = {k: v for k, v in sd.items() if k not in counters}
+    mapped, ignored = (rename_keys(sd, prefixes) if prefixes else
+                       qrnet.official_to_ours(sd, swin + "backbone.", swin + "neck.", into="backbone."))
     ignored += counters
-    own = {k: v for k, v in model.state_dict().items()
-           if k.startswith(expected) and not k.endswith("num_batches_tracked")}
+    qdatt = any(".qdatt." in k for k in mapped)  # a detector has none: QRNet's QD-ATT keeps its initialisation then
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(expected) and not k.endswith(
+           ("num_batches_tracked", "scale_embed")) and (qdatt or ".qdatt." not in k)}
     missing = sorted(set(own) - set(mapped))
     unexpected = sorted(set(mapped) - set(own))
     wrong = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)
@@ -408,5 +431,5 @@ def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[s
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
     model.load_state_dict(mapped, strict=False)
     print(f"visual branch: loaded {len(mapped)} tensors from {path}; ignored {len(ignored)} "
-          f"(e.g. {sorted({k.split('.')[0] for k in ignored})})")
+          f"({', '.join(sorted({'.'.join(k.split('.')[:2]) for k in ignored}))})")
     return {"loaded": sorted(mapped), "ignored": sorted(ignored)}

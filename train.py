@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 train.py --dataset refcoco       # the paper's 8 GPUs x 8 images
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --dataset refcoco
     python train.py --dataset refcoco --distill none             # the TransVG baseline ("w/o" rows)
+    torchrun --nproc_per_node=8 train.py --dataset refcoco --backbone swin_s_qrnet   # QRNet as the student
     python train.py --resume out/refcoco/last.pt                 # continue exactly where it stopped
 
 Every field of TrainConfig, DataConfig and ModelConfig is a flag (--key value or --key=value; --help lists them).
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import qrnet
 import runtime
 import toy
 import transforms
@@ -55,8 +57,8 @@ class TrainConfig:
     lr_drop: int = 60  # every lr x0.1 from this epoch on (paper: 60; 120 for RefCOCO+)
     batch_size: int = 64  # global images per optimizer step (paper: 8 GPUs x 8)
     micro_batch: int = 8  # images per device per forward; gradient accumulation makes up batch_size
-    lr: float = 1e-4  # fusion transformer, projections, [REG], position table, box head
-    lr_visual: float = 1e-5  # ResNet and DETR encoder (and a --teacher_trainable CLIP)
+    lr: float = 1e-4  # fusion transformer, projections, [REG], position table, box head (QRNet: + QD-ATT, scales)
+    lr_visual: float = 1e-5  # ResNet and DETR encoder; QRNet: Swin and the neck's lateral convs (+ a trainable CLIP)
     lr_text: float = 1e-5  # BERT
     weight_decay: float = 1e-4  # AdamW, on every parameter like TransVG
     warmup_steps: int = 0  # linear lr warmup in optimizer steps (TransVG: none)
@@ -73,7 +75,7 @@ class TrainConfig:
     teacher_trainable: bool = False  # Table 5 "unfrozen": CLIP trains at lr_visual with the distillation grads
     teacher_text_cache: int = 0  # frozen teacher: keep this many text embeddings, keyed on the exact expression
     toy_teacher_steps: int = 400  # shapes: training steps of the toy CLIP that is built when --teacher is missing
-    checkpoint_dir: str = "checkpoints"  # where visual_init=detr finds TransVG's detr-r50-unc.pth etc.
+    checkpoint_dir: str = "checkpoints"  # where visual_init=detr / mask_rcnn finds detr-r50-unc.pth, unc_latest.pth..
     out_dir: str = ""  # default out/<dataset> (out/<dataset>_2, _3, ... when that holds an earlier run)
     overwrite: bool = False  # start over in an --out_dir that holds a run: its checkpoints and log are deleted
     resume: str = ""  # a last.pt to continue from
@@ -116,25 +118,39 @@ PRESETS = {name: {**PAPER, "max_query_len": info.max_query_len} for name, info i
            if name != "shapes"}
 PRESETS["refcoco+"].update(epochs=180, lr_drop=120)
 PRESETS["shapes"] = toy.PRESET
+# QRNet's recipe on top, for a QRNet backbone on a real dataset (its train.py and scripts, LukeForeverYoung/QRNet @
+# 6aaa23c): the Mask R-CNN Swin-S it starts from (resolve finds it), 180 epochs with lr x0.1 from 60 (RefCOCO+: 120, its
+# README), batch 128 (its RefCOCO script: 8 GPUs x 16; ReferIt's: 8 x 8). Its per-group lrs are ours: param_groups.
+QRNET_PRESETS = {name: {"visual_init": "mask_rcnn", "epochs": 180, "lr_drop": 120 if name == "refcoco+" else 60,
+                        "batch_size": 128 if name.startswith("refcoco") else 64} for name in PRESETS if name != "shapes"}
 
 
 def preset(flags: dict) -> dict:
-    """The defaults a run's flags imply: the recipe of its dataset (--dataset)."""
-    return PRESETS.get(flags["dataset"], {})
+    """The defaults a run's flags imply: the recipe of its dataset (--dataset), with QRNet's on top when the student
+    is QRNet (--backbone swin_s_qrnet)."""
+    qrnet_recipe = QRNET_PRESETS.get(flags["dataset"], {}) if flags["backbone"] in qrnet.SWIN_SIZES else {}
+    return {**PRESETS.get(flags["dataset"], {}), **qrnet_recipe}
 
 
 def resolve(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, vocab_size: int
             ) -> tuple[TrainConfig, ModelConfig]:
-    """Fill what the flags leave implicit, once, before anything is built: the DETR checkpoint path and BERT's
-    full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
-    if mcfg.visual_init == "detr":
-        depth = "r101" if mcfg.backbone == "resnet101" else "r50"
-        path = os.path.join(cfg.checkpoint_dir, f"detr-{depth}-{data.DATASETS[dcfg.dataset].detr}.pth")
+    """Fill what the flags leave implicit, once, before anything is built: the DETR or Mask R-CNN checkpoint path and
+    BERT's full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
+    detr = data.DATASETS[dcfg.dataset].detr
+    if mcfg.visual_init in ("detr", "mask_rcnn"):
+        if mcfg.visual_init == "detr":
+            depth = "r101" if mcfg.backbone == "resnet101" else "r50"
+            path = os.path.join(cfg.checkpoint_dir, f"detr-{depth}-{detr}.pth")
+            what = "TransVG's DETR checkpoints (COCO without the grounding val/test images; links in TransVG's README)"
+        else:  # QRNet's: COCO without the RefCOCO val/test images (its script's unc_latest.pth), or Swin's own release
+            path = os.path.join(cfg.checkpoint_dir, "mask_rcnn_swin_small_patch4_window7.pth" if detr == "referit"
+                                else f"{detr}_latest.pth")
+            what = ("a Mask R-CNN Swin-S (RefCOCO family: QRNet's, on the Google Drive its README links; ReferIt and "
+                    "Flickr: Swin-Transformer-Object-Detection's release)")
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: the paper initialises the visual branch from TransVG's DETR checkpoints "
-                f"(COCO without the grounding val/test images; links in TransVG's README). Put it there, point "
-                f"--checkpoint_dir at it, or pass --visual_init imagenet|random|<path>.")
+            raise FileNotFoundError(f"{path} not found: the paper initialises the visual branch from {what}. Put it "
+                                    f"there, point --checkpoint_dir at it, or pass --visual_init "
+                                    f"{'imagenet|' * (mcfg.visual_init == 'detr')}random|<path>.")
         mcfg = replace(mcfg, visual_init=path)
     return cfg, resolve_text_config(mcfg, vocab_size if mcfg.text_init == "random" else None)
 
@@ -148,11 +164,14 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 
 def param_groups(model: GroundingModel, teacher: CLIPTeacher | None, cfg: TrainConfig) -> list[dict]:
     """TransVG's groups: visual branch and BERT at 1e-5, everything new at 1e-4; a trainable teacher joins the
-    visual lr (paper Table 5). Weight decay on every parameter, biases and norms included, as TransVG does."""
+    visual lr (paper Table 5). Weight decay on every parameter, biases and norms included, as TransVG does.
+    QRNet's: Swin, its stage norms, the neck's lateral convs and BERT at 1e-5; every QD-ATT (backbone and neck), the
+    scale embeddings and the fusion at 1e-4."""
     groups = {"fusion": [], "visual": [], "text": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            kind = ("visual" if name.startswith(("backbone.", "input_proj.", "visual_encoder.")) else
+            kind = ("fusion" if ".qdatt." in name or name == "backbone.scale_embed" else  # QRNet's: new, at 1e-4
+                    "visual" if name.startswith(("backbone.", "input_proj.", "visual_encoder.")) else
                     "text" if name.startswith("text_encoder.") else "fusion")
             groups[kind].append(p)
     base = {"fusion": cfg.lr, "visual": cfg.lr_visual, "text": cfg.lr_text}

@@ -3,10 +3,12 @@
     python bench.py                                   # model: train step and forward, CPU fp32, batch 2
     python bench.py --device cuda --dtype bfloat16 --batch_size 8 --compile --channels_last
     python bench.py --teacher                         # + the CLIP teacher: its share of the train step
+    python bench.py --backbone swin_s_qrnet --teacher # the QRNet student (Swin-S, QD-ATT, neck) instead of TransVG
     python bench.py --data                            # data pipeline: images/s per core, train and eval
 
-Model: the paper's ResNet-50 + DETR encoder, BERT-base, 6-layer fusion, 640x640 canvas, 20 tokens, random
-weights (speed does not depend on them). A train step is forward + eq. 8 loss + backward + AdamW step; with
+Model: the paper's ResNet-50 + DETR encoder (or, --backbone swin_s_qrnet, QRNet's Swin-S with QD-ATT and its neck,
+500 visual tokens), BERT-base, 6-layer fusion, 640x640 canvas, 20 tokens, random weights (speed does not depend on
+them). A train step is forward + eq. 8 loss + backward + AdamW step; with
 --teacher it also runs the frozen teacher (ViT-B/16 shape, random weights, unless --teacher_name is a directory of
 real weights) on the same canvas and expressions, and adds the distillation loss, as train.py does.
 Prints ms/step, images/s, peak memory and, on CUDA, model FLOPs utilisation (FLOPs counted by
@@ -267,7 +269,7 @@ class BenchConfig:
     batch_size: int = 2  # images per step
     compile: bool = False  # torch.compile the model
     channels_last: bool = False  # channels_last memory format for the ResNet
-    backbone: str = "resnet50"  # the student's ResNet (the paper: resnet50, resnet101)
+    backbone: str = "resnet50"  # the student: resnet50, resnet101 (TransVG) or swin_s_qrnet (QRNet)
     teacher: bool = False  # add the CLIP teacher to the train step and time its share
     teacher_name: str = "openai/clip-vit-base-patch16"  # real CLIP weights (a folder), or a hub name: its shape, random
     warmup: int = 1  # untimed calls first

@@ -283,7 +283,8 @@ def resume_configs(configs: list, argv: list[str]) -> list:
     ckpt = read_checkpoint(path)
     if "train_config" not in ckpt:
         sd = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
-        what = ("an official TransVG checkpoint" if "vl_pos_embed.weight" in sd else
+        what = ("an official QRNet checkpoint" if "scale_embed.weight" in sd else
+                "an official TransVG checkpoint" if "vl_pos_embed.weight" in sd else
                 "a DETR checkpoint" if any(k.startswith("backbone.0.body.") for k in sd) else
                 "a model without its training state")
         raise ValueError(f"--resume {path}: {what}, not a last.pt of train.py, so there is no run to continue. "

@@ -83,6 +83,7 @@ class DataConfig:
     shapes_train_size: int = 0  # shapes: generated training scenes (0 = shapes.py's default)
     shapes_eval_size: int = 0  # shapes: scenes per val/test split (0 = shapes.py's default)
     shapes_image_size: int = 128  # shapes: long side of the generated images, pixels
+    blind_text: bool = False  # the text-blind baseline: every expression becomes "" after the transform
 
     def __post_init__(self) -> None:
         check_fields(self, [("dataset", self.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),
@@ -151,6 +152,7 @@ class GroundingDataset(torch.utils.data.Dataset):
     """Shared __getitem__: subclasses give __len__ and load(i) -> (uint8 (3,H,W), box (4,) xyxy, text)."""
 
     skipped = 0  # invalid entries left out (--drop_invalid)
+    blind_text = False  # DataConfig.blind_text: the model sees the image (and its augmentation) but no word
 
     def __init__(self, name: str, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int):
         self.name, self.split, self.train, self.imsize = name, split, train, imsize
@@ -163,6 +165,8 @@ class GroundingDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image, gt_xyxy, text = self.load(i)
         sample = transform_sample(image, gt_xyxy, text.lower(), train=self.train, imsize=self.imsize)
+        if self.blind_text:  # after the transform, so the augmentation is the one the expression would get
+            sample["text"] = ""
         sample["input_ids"], sample["attention_mask"] = tokenize(self.encoder, sample["text"])
         sample["index"] = torch.tensor(i)
         return sample
@@ -325,6 +329,9 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer, *, train: bool, imsize:
     common = dict(train=train, imsize=imsize, max_query_len=max_query_len)
     if name == "shapes":
         size = (cfg.shapes_train_size if split == "train" else cfg.shapes_eval_size) or None
-        return ShapesWorld(split, tokenizer, size=size, image_size=cfg.shapes_image_size, **common)
-    return TransVGSplits(name, split, tokenizer, split_root=cfg.split_root, data_root=cfg.data_root,
-                         drop_invalid=cfg.drop_invalid, **common)
+        ds = ShapesWorld(split, tokenizer, size=size, image_size=cfg.shapes_image_size, **common)
+    else:
+        ds = TransVGSplits(name, split, tokenizer, split_root=cfg.split_root, data_root=cfg.data_root,
+                           drop_invalid=cfg.drop_invalid, **common)
+    ds.blind_text = cfg.blind_text
+    return ds

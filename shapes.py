@@ -2,8 +2,8 @@
 
 A scene is 2-5 coloured shapes on a muted background and an expression that singles one out by its
 attributes ("the small red circle"), by its position among look-alikes ("the blue square on the left", "the
-leftmost circle") or relative to a landmark ("the triangle above the green circle"). Distractors copy each of
-the target's attributes with probability 1/2, so the words matter. Scene i of a split is a pure function of
+leftmost circle") or relative to a landmark ("the triangle above the green circle"). All objects copy each
+attribute of a shared prototype with probability 1/2, so look-alikes are common and the words matter. Scene i of a split is a pure function of
 (seed, split, i); images have long side image_size and a short side of 62.5-100% of it, so the padding varies.
 data.ShapesWorld serves the scenes as a dataset; this file knows nothing of tokens, canvases or transforms.
 """
@@ -105,11 +105,14 @@ def scene(seed: int, split: str, i: int, image_size: int) -> dict:
 
 
 def _place(rng: random.Random, h: int, w: int) -> list[dict]:
-    target = {a: rng.choice(c) for a, c in _CHOICES.items()}
+    """2-5 objects, each copying each attribute of a shared random prototype with probability 1/2 (so look-alikes
+    are common and the words matter); the target is drawn uniformly among them after placement and put first.
+    Not the prototype itself: the object most like all others would then be the target, which a model could find
+    without reading a word."""
+    proto = {a: rng.choice(c) for a, c in _CHOICES.items()}
     objects = []
-    for k in range(rng.randint(2, 5)):
-        obj = dict(target) if k == 0 else {a: target[a] if rng.random() < 0.5 else rng.choice(c)
-                                           for a, c in _CHOICES.items()}
+    for _ in range(rng.randint(2, 5)):
+        obj = {a: proto[a] if rng.random() < 0.5 else rng.choice(c) for a, c in _CHOICES.items()}
         side = round(max(h, w) * rng.uniform(*SIZES[obj["size"]]))
         for _ in range(30):  # rejection sampling, 2 px apart; an object that finds no room is left out
             x, y = rng.randint(0, w - side), rng.randint(0, h - side)
@@ -119,7 +122,18 @@ def _place(rng: random.Random, h: int, w: int) -> list[dict]:
                 box = (x + tx1, y + ty1, x + tx2, y + ty2)
                 objects.append({**obj, "side": side, "xy": (x, y), "box": box})
                 break
-    return objects
+    t = rng.randrange(len(objects))
+    return [objects[t]] + objects[:t] + objects[t + 1:]
+
+
+def sayable(sc: dict) -> set[str]:
+    """Every expression that singles out some object of scene sc: what the world could have said of it, and the
+    oracle behind the toy teacher's retrieval ceiling, where one expression can fit several scenes of a batch."""
+    objs, out = sc["objects"], set()
+    for k, o in enumerate(objs):
+        for texts in _expressions([o] + objs[:k] + objs[k + 1:], sc["height"], sc["width"]).values():
+            out.update(texts)
+    return out
 
 
 def draw(sc: dict) -> torch.Tensor:

@@ -34,6 +34,13 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
+def shapes_tok(tmp_path_factory):
+    """The synthetic world's word-level BERT tokenizer (shapes.WORDS), written to a temp folder."""
+    import data
+    return data.load_tokenizer(os.path.dirname(data.write_shapes_vocab(str(tmp_path_factory.mktemp("shapes_vocab")))))
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP (32-d towers, 64-d embeddings, 32 px images) with a word tokenizer, saved like a hub model."""
     from clip_teacher import save_random_clip

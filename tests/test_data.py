@@ -24,13 +24,6 @@ def write_image(path, img, fmt="JPEG", mode="RGB"):
 
 
 @pytest.fixture(scope="session")
-def shapes_tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes_vocab")
-    data.write_shapes_vocab(str(d))
-    return data.load_tokenizer(str(d))
-
-
-@pytest.fixture(scope="session")
 def word_tok(tmp_path_factory):
     """A BERT tokenizer over a few words and wordpieces, enough to see truncation and ## pieces."""
     d = tmp_path_factory.mktemp("word_vocab")
@@ -233,3 +226,16 @@ def test_bad_and_odd_images(tmp_path, word_tok):
         ds[4]
     with pytest.raises(FileNotFoundError, match="entry 6: image .*im6.jpg not found"):
         ds[6]
+
+
+def test_blind_text_blanks_the_expression_and_keeps_the_augmentation(shapes_tok):
+    """--blind_text, the text-blind baseline: the same image, augmentation and target, no word."""
+    seen, blind = (data.make_dataset(data.DataConfig(shapes_train_size=8, blind_text=b), "train", shapes_tok,
+                                     train=True, imsize=S, max_query_len=12) for b in (False, True))
+    for i in range(8):
+        torch.manual_seed(i)
+        a = seen[i]
+        torch.manual_seed(i)
+        b = blind[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"]) and a["text"]
+        assert b["text"] == "" and b["attention_mask"].sum() == 2  # [CLS] [SEP]

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import data
 import evaluate
 import toy
 import train
@@ -26,6 +27,7 @@ def test_toy_teacher_learns_and_loads_as_a_teacher(tmp_path):
     metrics = build_toy_teacher(ToyCLIPConfig(out_dir=str(tmp_path / "clip"), **TINY_TEACHER))
     assert metrics["last_loss"] < metrics["first_loss"]  # the contrastive loss went down
     assert 0 <= metrics["val_image_to_text_top1"] <= 100
+    assert 100 / metrics["config"]["batch_size"] < metrics["ceiling_top1"] <= 100
     assert json.loads((tmp_path / "clip" / "metrics.json").read_text())["config"]["steps"] == 30
     teacher = CLIPTeacher(str(tmp_path / "clip"), device="cpu")
     emb = teacher.encode_text(["the red circle", "the big blue square on the left"])
@@ -48,3 +50,11 @@ def test_default_path_builds_the_teacher_distils_evaluates_and_draws(tmp_path, t
     results = evaluate.main([f"--ckpt={tmp_path / 'run' / 'best.pt'}", "--device=cpu", "--num_workers=0", "--vis=2",
                              f"--out_dir={tmp_path / 'vis'}"])
     assert set(results) == {"val", "test"} and len(list((tmp_path / "vis").glob("*.png"))) == 4
+
+
+def test_the_retrieval_ceiling_counts_expressions_that_fit_several_scenes(shapes_tok):
+    world = data.make_dataset(data.DataConfig(shapes_eval_size=64), "val", shapes_tok, train=False, imsize=64,
+                              max_query_len=16)
+    assert toy.retrieval_ceiling(world, 1) == 100  # alone, its own expression is the only candidate
+    in_64 = toy.retrieval_ceiling(world, 64)
+    assert 100 / 64 < in_64 < 50  # "the red circle" fits many scenes of 64: 10.7 % on the 512 val scenes

@@ -20,17 +20,28 @@ import qrnet
 from model import GroundingModel, ModelConfig, read_checkpoint, rename_keys
 
 
+def checkpoint_kind(ckpt: dict) -> str:
+    """What a checkpoint file holds: "ours" (train.py), "qrnet" or "transvg" (their official train.py's {'model':
+    ...}), "detr" (a DETR's state dict), or "other"."""
+    if "model_config" in ckpt:
+        return "ours"
+    sd = ckpt.get("model")
+    if isinstance(sd, dict) and "vl_pos_embed.weight" in sd:
+        return "qrnet" if "scale_embed.weight" in sd else "transvg"  # QRNet's TransVGSwin has scale embeddings
+    return "detr" if any(k.startswith("backbone.0.body.") for k in (sd if isinstance(sd, dict) else ckpt)) else "other"
+
+
 def load_model(path: str, map_location: str | torch.device = "cpu", ckpt: dict | None = None) -> GroundingModel:
     """The model any checkpoint we read holds, built with no network access, in eval mode: ours (train.py) or an
     official TransVG or QRNet one. ckpt: the file's contents if the caller has already read them (read_checkpoint)."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
-    if "model_config" in ckpt:
+    kind = checkpoint_kind(ckpt)
+    if kind == "ours":
         return GroundingModel.from_checkpoint(path, map_location, ckpt)
-    sd = ckpt.get("model")
-    if not (isinstance(sd, dict) and "vl_pos_embed.weight" in sd):
+    if kind not in ("qrnet", "transvg"):
         raise ValueError(f"{path}: neither our checkpoint (no 'model_config') nor TransVG's or QRNet's (no 'model' "
                          f"dict with vl_pos_embed.weight)")
-    is_qrnet = "scale_embed.weight" in sd  # QRNet's TransVGSwin; TransVG has no scale embedding
+    sd, is_qrnet = ckpt["model"], kind == "qrnet"
     try:
         cfg = (qrnet_config if is_qrnet else transvg_config)(sd, ckpt.get("args") or {})
         model = GroundingModel(cfg)

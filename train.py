@@ -17,6 +17,7 @@ References: EpmVG paper sec. 4.2; TransVG (github.com/djiajunustc/TransVG @ c862
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import toy
 import transforms
 from clip_teacher import CLIPTeacher
 from evaluate import evaluate, print_table
+from interop import checkpoint_kind
 from losses import distill_loss, total_loss
 from model import GroundingModel, ModelConfig, count_parameters, read_checkpoint, resolve_text_config
 from runtime import DeviceEnv, check_fields, print0
@@ -258,14 +260,14 @@ def optimizer_step(model: torch.nn.Module, teacher: CLIPTeacher | None, widths: 
 # checkpoints and resume
 
 
-def save_checkpoint(name: str, model: GroundingModel, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, teacher: CLIPTeacher | None, configs: dict, step: int, epoch: int,
-                    best: float, cfg: TrainConfig, env: DeviceEnv) -> None:
+def save_checkpoint(name: str, step: int, best: float, *, model: GroundingModel, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, teacher: CLIPTeacher | None, configs: dict, steps_per_epoch: int,
+                    cfg: TrainConfig, env: DeviceEnv) -> None:
     """out_dir/name with everything a resume needs (runtime.save_training_state), the configs, the teacher's name
     and hash (a trainable teacher's weights go beside it, name + ".teacher", never inside the student's)."""
     teacher_id = None if teacher is None else {"name": teacher.name, "sha256": teacher.weights_sha256}
     runtime.save_training_state(os.path.join(cfg.out_dir, name), model, optimizer, scaler, env, {
-        **configs, "step": step, "epoch": epoch, "best_metric": best, "teacher": teacher_id,
+        **configs, "step": step, "epoch": step // steps_per_epoch, "best_metric": best, "teacher": teacher_id,
         "format_version": FORMAT_VERSION},
         sidecar=teacher.model if teacher is not None and teacher.trainable else None)
 
@@ -282,11 +284,8 @@ def resume_configs(configs: list, argv: list[str]) -> list:
     path = configs[0].resume
     ckpt = read_checkpoint(path)
     if "train_config" not in ckpt:
-        sd = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
-        what = ("an official QRNet checkpoint" if "scale_embed.weight" in sd else
-                "an official TransVG checkpoint" if "vl_pos_embed.weight" in sd else
-                "a DETR checkpoint" if any(k.startswith("backbone.0.body.") for k in sd) else
-                "a model without its training state")
+        what = {"qrnet": "an official QRNet checkpoint", "transvg": "an official TransVG checkpoint",
+                "detr": "a DETR checkpoint"}.get(checkpoint_kind(ckpt), "a model without its training state")
         raise ValueError(f"--resume {path}: {what}, not a last.pt of train.py, so there is no run to continue. "
                          f"Evaluate it with `python evaluate.py --ckpt {path}`, or start a new run from its visual "
                          f"branch with --visual_init {path}")
@@ -386,19 +385,24 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
                                            sidecar=teacher.model if teacher is not None and teacher.trainable else None)
         step, best = ckpt["step"], ckpt["best_metric"]
         print0(f"resumed from {cfg.resume} at step {step} (epoch {step // steps_per_epoch}), best {best:.2f}")
-    raw_model = model  # unwrapped and uncompiled: what checkpoints hold
+    raw_model = model  # unwrapped and uncompiled: what checkpoints hold; save(name, step, best) writes them
+    save = functools.partial(save_checkpoint, model=raw_model, optimizer=optimizer, scaler=scaler, teacher=teacher,
+                             configs=configs, steps_per_epoch=steps_per_epoch, cfg=cfg, env=env)
     if cfg.compile:
         model = torch.compile(model)
-    eval_model = model  # evaluation needs no DDP: its forward would broadcast buffers, a collective, per batch
+    # evaluation needs no DDP (its forward would broadcast buffers, a collective, per batch): score(dataset) -> metrics
+    score = functools.partial(evaluate, model, device=env.device, batch_size=cfg.eval_batch,
+                              num_workers=min(cfg.num_workers, 2), dtype=cfg.dtype)
     if env.ddp:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    print0(json.dumps({**configs, "world_size": env.world_size, "grad_accum": accum}, indent=1))
+    run_info = json.dumps({**configs, "world_size": env.world_size, "grad_accum": accum}, indent=1)
+    print0(run_info)
     print0(f"{dcfg.dataset}: {len(train_set)} train samples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
            f"global batch {cfg.batch_size} = micro-batch {cfg.micro_batch} x {env.world_size} devices x {accum} "
            f"accumulation steps")
     if env.is_master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({**configs, "world_size": env.world_size, "grad_accum": accum}, f, indent=1)
+            f.write(run_info)
 
     # loop: an epoch at a time (one data order each), evaluating every epoch or every eval_every steps
     metrics = {}
@@ -416,22 +420,18 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{cfg.lr * factor:.1e}",
                              "img/s": f"{done * cfg.batch_size / (time.time() - t0):.1f}"})
             if cfg.save_every and step % cfg.save_every == 0 and step != epoch_end:  # a crash loses minutes
-                save_checkpoint("last.pt", raw_model, optimizer, scaler, teacher, configs, step,
-                                step // steps_per_epoch, best, cfg, env)
+                save("last.pt", step, best)
             if eval_due(step, epoch_end, total_steps, cfg.eval_every):
                 runtime.sync_buffers(raw_model, env)
-                metrics = evaluate(eval_model, eval_set, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
-                                   dtype=cfg.dtype)[0]
+                metrics = score(eval_set)[0]
                 if metrics["acc@0.5"] > best:
                     best = metrics["acc@0.5"]
-                    save_checkpoint("best.pt", raw_model, optimizer, scaler, teacher, configs, step,
-                                    step // steps_per_epoch, best, cfg, env)
+                    save("best.pt", step, best)
                 print0(f"step {step}: {cfg.eval_split} Acc@0.5 {metrics['acc@0.5']:.2f} (best {best:.2f}), "
                        f"Acc@0.75 {metrics['acc@0.75']:.2f}, mIoU {metrics['miou']:.3f}")
                 metrics = {**metrics, "step": step}
         bar.close()
-        save_checkpoint("last.pt", raw_model, optimizer, scaler, teacher, configs, step, step // steps_per_epoch,
-                        best, cfg, env)
+        save("last.pt", step, best)
         if env.is_master:
             line = {"epoch": epoch, "step": step, "lr": cfg.lr * factor,
                     **{f"train_{k}": v / done for k, v in sums.items()},
@@ -446,8 +446,7 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
         for split in data.DATASETS[dcfg.dataset].eval_splits:
             dataset = eval_set if split == cfg.eval_split else data.make_dataset(dcfg, split, tokenizer, train=False,
                                                                                  **sizes)
-            results[split] = evaluate(eval_model, dataset, env.device, cfg.eval_batch, min(cfg.num_workers, 2),
-                                      dtype=cfg.dtype)[0]
+            results[split] = score(dataset)[0]
         print_table(results)
     final = {"step": step, "best_acc@0.5": best,
              **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items() if k != "step"},

@@ -39,8 +39,8 @@ def read_reference(name):
 @pytest.mark.parametrize("ckpt,io,extra", CASES)
 def test_same_outputs_as_official_qrnet(ckpt, io, extra):
     if not os.path.isfile(os.path.join(REF, io)):
-        pytest.skip(f"no official QRNet reference outputs in {REF} (make_qrnet_reference.py and "
-                    f"make_visual_init_reference.py write them; not in CI)")
+        pytest.skip(f"no official QRNet reference outputs in {REF}: they come from running the official code, "
+                    f"which CI does not have (this file's docstring lists them)")
     model = load_model(os.path.join(REF, ckpt))
     if extra == "qda_V_random.pth":  # official names, visumodel.*.decoder.V only
         V, left = qrnet.official_to_ours(read_reference(extra), "visumodel.backbone.", "visumodel.neck.")

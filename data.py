@@ -284,8 +284,9 @@ def write_vocab(directory: str, words) -> str:
     so that load_tokenizer(directory) works offline; returns its path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "vocab.txt")
-    with open(path, "w") as f:
+    with open(path + ".partial", "w") as f:  # moved into place whole: a killed write leaves no short vocabulary
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    os.replace(path + ".partial", path)
     return path
 
 

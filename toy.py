@@ -17,6 +17,7 @@ tokenizer), so the toy teacher is trained on exactly what it sees when it teache
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -115,6 +116,7 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
     torch.manual_seed(cfg.seed)
     # built in a side folder and moved into place at the end: an interrupted build never looks like a teacher
     partial = cfg.out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed build left
     tower = {"hidden_size": cfg.width, "intermediate_size": 2 * cfg.width, "num_hidden_layers": cfg.layers,
              "num_attention_heads": 4}
     save_random_clip(partial, words, projection_dim=cfg.embed_dim, text={"max_position_embeddings": 32, **tower},
@@ -142,15 +144,15 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
             if step == cfg.steps:
                 break
     model.save_pretrained(partial)
-    os.replace(partial, cfg.out_dir)
-    frozen = CLIPTeacher(cfg.out_dir, device="cpu")
+    frozen = CLIPTeacher(partial, device="cpu")
     eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=_pairs)
     metrics = {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]),
                "val_image_to_text_top1": retrieval_accuracy(frozen, eval_loader),
                "ceiling_top1": retrieval_ceiling(eval_set, cfg.batch_size),
                "chance_top1": 100 / cfg.batch_size, "seconds": time.time() - t0, "config": asdict(cfg)}
-    with open(Path(cfg.out_dir) / "metrics.json", "w") as f:
+    with open(Path(partial) / "metrics.json", "w") as f:  # the settings travel with the weights (check_toy_teacher)
         json.dump(metrics, f, indent=1)
+    os.replace(partial, cfg.out_dir)
     print(f"toy CLIP teacher saved to {cfg.out_dir} in {metrics['seconds']:.0f} s: contrastive loss "
           f"{metrics['first_loss']:.2f} -> {metrics['last_loss']:.2f}; held-out image->text top-1 among "
           f"{cfg.batch_size}: {metrics['val_image_to_text_top1']:.1f}% (an oracle: {metrics['ceiling_top1']:.1f}%; chance "
@@ -160,6 +162,8 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
 
 def build_toy_teacher(cfg: ToyCLIPConfig) -> dict:
     """The synthetic world's train/val splits as the student sees them, then train_toy_clip."""
+    if os.path.exists(cfg.out_dir):  # refused before minutes of training, not at the final move
+        raise FileExistsError(f"{cfg.out_dir} exists; delete it to build a new toy CLIP there, or give --out_dir")
     with tempfile.TemporaryDirectory() as vocab_dir:  # the samples carry BERT ids too, which the teacher ignores
         data.write_shapes_vocab(vocab_dir)
         tokenizer = data.load_tokenizer(vocab_dir)
@@ -185,15 +189,37 @@ def prepare_world(text_encoder: str, teacher: str | None, teacher_steps: int, im
     def ours(path: str, preset: str) -> bool:
         return not os.path.exists(path) and (path == preset or os.path.isabs(path))
 
+    wanted = None if teacher is None else ToyCLIPConfig(out_dir=teacher, steps=teacher_steps, imsize=imsize,
+                                                         shapes_image_size=image_size)
     if env.is_master and ours(text_encoder, PRESET["text_encoder"]):
         print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(text_encoder)}")
-    if env.is_master and teacher is not None and ours(teacher, PRESET["teacher"]):
+    if env.is_master and wanted is not None and ours(teacher, PRESET["teacher"]):
         print0(f"no CLIP teacher at {teacher}: training the synthetic world's toy CLIP first "
                f"(python toy.py does the same)")
-        build_toy_teacher(ToyCLIPConfig(out_dir=teacher, steps=teacher_steps, imsize=imsize,
-                                        shapes_image_size=image_size))
+        build_toy_teacher(wanted)
     if env.ddp:
         torch.distributed.barrier()
+    check_world_files(text_encoder, wanted)
+
+
+def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None) -> None:
+    """Refuse a cached vocabulary or toy CLIP that was made by other code or settings than this run asks for, never
+    reuse it silently. A folder without our metrics.json is a CLIP someone supplied: it is used as given."""
+    vocab = Path(text_encoder) / "vocab.txt"
+    if vocab.exists() and not (Path(text_encoder) / "config.json").exists():  # a real BERT folder has one
+        missing = sorted(set(shapes.WORDS) - set(vocab.read_text().split()))
+        if missing:  # e.g. written by an older version of the world: its new words would all be [UNK]
+            raise ValueError(f"{vocab} lacks words the synthetic world says ({', '.join(missing[:5])}); delete "
+                             f"{text_encoder} to have it rewritten")
+    record = None if teacher is None else Path(teacher.out_dir) / "metrics.json"
+    if record is None or not record.exists():
+        return
+    built = json.loads(record.read_text()).get("config", {})
+    diff = [f"{k} {built.get(k)!r} (this run: {v!r})" for k, v in asdict(teacher).items()
+            if k != "out_dir" and built.get(k) != v]
+    if diff:
+        raise ValueError(f"the toy CLIP at {teacher.out_dir} was built with other settings: {'; '.join(diff)}. "
+                         f"Delete the folder to rebuild it with this run's, or pass --teacher <another folder>")
 
 
 def main(argv: list[str] | None = None) -> dict:

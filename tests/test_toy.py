@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q tests/test_toy.py
 """
+import dataclasses
 import json
 import os
 
@@ -58,3 +59,32 @@ def test_the_retrieval_ceiling_counts_expressions_that_fit_several_scenes(shapes
     assert toy.retrieval_ceiling(world, 1) == 100  # alone, its own expression is the only candidate
     in_64 = toy.retrieval_ceiling(world, 64)
     assert 100 / 64 < in_64 < 50  # "the red circle" fits many scenes of 64: 10.7 % on the 512 val scenes
+
+
+def test_a_toy_teacher_built_with_other_settings_is_refused_not_reused(tmp_path):
+    vocab = tmp_path / "vocab"
+    data.write_shapes_vocab(str(vocab))
+    built = ToyCLIPConfig(out_dir=str(tmp_path / "clip"), **TINY_TEACHER)
+    (tmp_path / "clip").mkdir()  # stands for a finished build: its settings are in metrics.json
+    (tmp_path / "clip" / "metrics.json").write_text(json.dumps({"config": dataclasses.asdict(built)}))
+    toy.check_world_files(str(vocab), built)  # the same settings: reused
+    with pytest.raises(ValueError, match=r"other settings: steps 30 \(this run: 400\); imsize 64 \(this run: 128\)"):
+        toy.check_world_files(str(vocab), dataclasses.replace(built, steps=400, imsize=128))
+    with pytest.raises(FileExistsError, match="clip exists"):  # before any training, not at the final move
+        build_toy_teacher(built)
+    (vocab / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nred\n")
+    with pytest.raises(ValueError, match="lacks words the synthetic world says"):
+        toy.check_world_files(str(vocab), None)
+
+
+def test_a_killed_teacher_build_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(toy, "retrieval_accuracy", killed)  # dies after the weights are written, before the move
+    with pytest.raises(KeyboardInterrupt):
+        build_toy_teacher(ToyCLIPConfig(out_dir=str(tmp_path / "clip"), **{**TINY_TEACHER, "steps": 2}))
+    assert not (tmp_path / "clip").exists() and (tmp_path / "clip.partial").exists()
+    monkeypatch.undo()
+    build_toy_teacher(ToyCLIPConfig(out_dir=str(tmp_path / "clip"), **{**TINY_TEACHER, "steps": 2}))
+    assert {p.name for p in (tmp_path / "clip").iterdir()} >= {"metrics.json", "config.json"}
+    assert not (tmp_path / "clip.partial").exists()

@@ -54,6 +54,7 @@ class ModelConfig:
     dropout: float = 0.1  # dropout in both transformers (attention weights, FFN, residuals)
     enc_layers: int = 6  # DETR (visual) encoder layers
     vl_layers: int = 6  # fusion (visual-linguistic) transformer layers
+    pos_std: float = 1.0  # init std of the fusion's position table: 1 = TransVG's nn.Embedding (see PRESET in toy.py)
     max_query_len: int = 20  # L: text tokens incl. [CLS] and [SEP] (TransVG: 40 for RefCOCOg)
     text_encoder: str = "bert-base-uncased"  # HF hub name or local directory of a BERT model
     text_init: str = "pretrained"  # "pretrained" (weights of text_encoder) or "random"
@@ -223,7 +224,7 @@ class GroundingModel(nn.Module):
         self.visual_proj = nn.Linear(D, D)
         self.text_proj = nn.Linear(bert.hidden_size, D)
         self.reg_token = nn.Parameter(torch.randn(1, D))  # N(0,1) like TransVG's nn.Embedding
-        self.pos_embed = nn.Parameter(torch.randn(1 + self.num_visual + cfg.max_query_len, D))
+        self.pos_embed = nn.Parameter(cfg.pos_std * torch.randn(1 + self.num_visual + cfg.max_query_len, D))
         self.fusion = Encoder(cfg.vl_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         # prediction module, eq. 4: Linear-ReLU-Linear-ReLU-Linear, then a sigmoid in forward
         self.bbox_head = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 4))
@@ -259,30 +260,12 @@ class GroundingModel(nn.Module):
         if self.qrnet:  # BERT first: its last-layer [CLS] is the query (not detached: QD-ATT's gradient trains BERT)
             bert = self.text_encoder(**text)
             vis, vis_is_pad, cnn = self.backbone(images, img_is_pad, bert.last_hidden_state[:, 0])  # (B,N,D), ...
-        else:  # visual branch
-            x = images
-            for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-                x = getattr(self.backbone, name)(x)
-            cnn = x  # (B,C,h,w)
-            # A cell is padding iff the pixel at its top-left corner is (nearest resize at an exact stride): TransVG's.
-            feat_is_pad = F.interpolate(img_is_pad[:, None].float(), size=cnn.shape[-2:]).squeeze(1).bool()  # (B,h,w)
-            pos = sine_position_embedding(feat_is_pad, self.cfg.hidden_dim).to(cnn.dtype)  # (B,N,D)
-            vis_is_pad = feat_is_pad.flatten(1)  # (B,N)
-            vis = self.input_proj(cnn).flatten(2).transpose(1, 2)  # (B,N,D)
-            vis = self.visual_encoder(vis, pos, vis_is_pad)  # (B,N,D)
-            # linguistic branch: every token of the last layer, pads masked in the fusion
-            bert = self.text_encoder(**text)
+        else:
+            vis, vis_is_pad, cnn = self.encode_image(images, img_is_pad)
+            bert = self.text_encoder(**text)  # linguistic branch: every token of the last layer, pads masked
         txt = bert.last_hidden_state  # (B,L,H)
-        txt_is_pad = attention_mask == 0  # (B,L)
-        # fusion, eq. 1: X = [p_r, p_v, p_l]
-        p_v, p_l = self.visual_proj(vis), self.text_proj(txt)  # (B,N,D), (B,L,D)
-        seq = torch.cat([self.reg_token.expand(B, 1, -1).to(p_v.dtype), p_v, p_l], dim=1)  # (B,1+N+L,D)
-        seq_is_pad = torch.cat([vis_is_pad.new_zeros(B, 1), vis_is_pad, txt_is_pad], dim=1)  # (B,1+N+L)
-        out = self.fusion(seq, self.pos_embed[None].to(seq.dtype), seq_is_pad)  # (B,1+N+L,D)
+        boxes, out, p_v, p_l = self.fuse(vis, vis_is_pad, txt, attention_mask == 0)
         cls = 1 + self.num_visual  # index of [CLS] in the joint sequence
-        # the box head in fp32 even under bf16 autocast: bf16 would round a coordinate to ~2 px of a 640 canvas
-        with torch.autocast(images.device.type, enabled=False):
-            boxes = self.bbox_head(out[:, 0].float()).sigmoid()  # (B,4)
         return {
             "pred_boxes": boxes,
             "distill": {
@@ -292,6 +275,33 @@ class GroundingModel(nn.Module):
                 "loc4": (cnn[:, :, 0, 0], bert.hidden_states[0][:, 0]),
             },
         }
+
+    def encode_image(self, images: torch.Tensor, img_is_pad: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TransVG's visual branch (ResNet -> 1x1 conv -> DETR encoder): vis (B,N,D), vis_is_pad (B,N), cnn (B,C,h,w)."""
+        x = images
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            x = getattr(self.backbone, name)(x)
+        # A cell is padding iff the pixel at its top-left corner is (nearest resize at an exact stride): TransVG's.
+        feat_is_pad = F.interpolate(img_is_pad[:, None].float(), size=x.shape[-2:]).squeeze(1).bool()  # (B,h,w)
+        pos = sine_position_embedding(feat_is_pad, self.cfg.hidden_dim).to(x.dtype)  # (B,N,D)
+        vis_is_pad = feat_is_pad.flatten(1)  # (B,N)
+        vis = self.input_proj(x).flatten(2).transpose(1, 2)  # (B,N,D)
+        return self.visual_encoder(vis, pos, vis_is_pad), vis_is_pad, x
+
+    def fuse(self, vis: torch.Tensor, vis_is_pad: torch.Tensor, txt: torch.Tensor, txt_is_pad: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 1-4: vis (B,N,D) and txt (B,L,H) with their pad masks -> the box (B,4) normalised cxcywh, the fusion
+        output (B,1+N+L,D) and the projected inputs p_v (B,N,D), p_l (B,L,D)."""
+        B = vis.shape[0]
+        p_v, p_l = self.visual_proj(vis), self.text_proj(txt)  # (B,N,D), (B,L,D)
+        seq = torch.cat([self.reg_token.expand(B, 1, -1).to(p_v.dtype), p_v, p_l], dim=1)  # X = [p_r, p_v, p_l]
+        seq_is_pad = torch.cat([vis_is_pad.new_zeros(B, 1), vis_is_pad, txt_is_pad], dim=1)  # (B,1+N+L)
+        out = self.fusion(seq, self.pos_embed[None].to(seq.dtype), seq_is_pad)  # (B,1+N+L,D)
+        # the box head in fp32 even under bf16 autocast: bf16 would round a coordinate to ~2 px of a 640 canvas
+        with torch.autocast(vis.device.type, enabled=False):
+            boxes = self.bbox_head(out[:, 0].float()).sigmoid()  # (B,4)
+        return boxes, out, p_v, p_l
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", ckpt: dict | None = None

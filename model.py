@@ -54,7 +54,7 @@ class ModelConfig:
     dropout: float = 0.1  # dropout in both transformers (attention weights, FFN, residuals)
     enc_layers: int = 6  # DETR (visual) encoder layers
     vl_layers: int = 6  # fusion (visual-linguistic) transformer layers
-    pos_std: float = 1.0  # init std of the fusion's position table: 1 = TransVG's nn.Embedding (see PRESET in toy.py)
+    pos_std: float = 1.0  # init std of the fusion's position table: 1 = TransVG's nn.Embedding (README: 0.02 on toy tokens)
     max_query_len: int = 20  # L: text tokens incl. [CLS] and [SEP] (TransVG: 40 for RefCOCOg)
     text_encoder: str = "bert-base-uncased"  # HF hub name or local directory of a BERT model
     text_init: str = "pretrained"  # "pretrained" (weights of text_encoder) or "random"

@@ -72,6 +72,7 @@ class ModelConfig:
                 ("hidden_dim", self.hidden_dim > 0 and self.hidden_dim % self.nheads == 0,
                  f"a multiple of nheads = {self.nheads}"),
                 ("dim_feedforward", self.dim_feedforward > 0, "> 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                ("pos_std", self.pos_std >= 0, ">= 0"),
                 ("enc_layers", self.enc_layers >= 0, ">= 0"), ("vl_layers", self.vl_layers >= 1, ">= 1"),
                 ("max_query_len", self.max_query_len >= 2, ">= 2 ([CLS] and [SEP])"),
                 ("text_init", self.text_init in ("pretrained", "random"), "pretrained or random")]:

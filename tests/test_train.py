@@ -245,6 +245,7 @@ def test_a_crash_mid_epoch_loses_only_the_steps_since_save_every(tmp_path, tiny_
     ("--lr=-1", "--lr: expected > 0, got -1.0"), ("--epochs=0", "--epochs: expected >= 1, got 0"),
     ("--batch_size=10", "--batch_size: expected a multiple of micro_batch = 4, got 10"),
     ("--distill_loc=loc5", "--distill_loc: expected loc1"), ("--imsize=100", "--imsize: expected a multiple of the stride"),
+    ("--pos_std=-0.1", "--pos_std: expected >= 0, got -0.1"),
 ])
 def test_bad_values_are_refused_when_the_flags_are_read(flag, message, tmp_path, tiny_train_flags, capsys):
     with pytest.raises(SystemExit):

@@ -150,7 +150,7 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
                "val_image_to_text_top1": retrieval_accuracy(frozen, eval_loader),
                "ceiling_top1": retrieval_ceiling(eval_set, cfg.batch_size),
                "chance_top1": 100 / cfg.batch_size, "seconds": time.time() - t0, "config": asdict(cfg)}
-    with open(Path(partial) / "metrics.json", "w") as f:  # the settings travel with the weights (check_toy_teacher)
+    with open(Path(partial) / "metrics.json", "w") as f:  # the settings travel with the weights (check_world_files)
         json.dump(metrics, f, indent=1)
     os.replace(partial, cfg.out_dir)
     print(f"toy CLIP teacher saved to {cfg.out_dir} in {metrics['seconds']:.0f} s: contrastive loss "

@@ -36,10 +36,10 @@ from runtime import DeviceEnv, parse_config, print0
 # -----------------------------------------------------------------------------
 # the laptop preset
 
-# Sized for a 2-core laptop CPU (with its toy CLIP teacher 8.5 minutes on an AMD EPYC, 32 on a slower Xeon: README):
-# a ResNet-18 at 128 px learned from scratch (so ordinary BatchNorm, trainable_bn), a tiny BERT over the world's 24
-# words, 2 + 2 transformer layers of width 128, 800 steps of 32 with the lr x0.1 for the last quarter. Data loading stays in the main process: on 2
-# cores a worker process only competes with the model for them.
+# Sized for a 2-core laptop CPU (with its toy CLIP teacher 8.5 minutes on one 2-core host, about 30 on two others:
+# README): a ResNet-18 at 128 px learned from scratch (so ordinary BatchNorm, trainable_bn), a tiny BERT over the
+# world's 24 words, 2 + 2 transformer layers of width 128, 800 steps of 32 with the lr x0.1 for the last quarter.
+# Data loading stays in the main process: on 2 cores a worker process only competes with the model for them.
 PRESET = dict(backbone="resnet18", trainable_bn=True, imsize=128, hidden_dim=128, nheads=4, dim_feedforward=256,
               enc_layers=2, vl_layers=2, max_query_len=16, text_encoder="out/shapes_vocab", text_init="random",
               text_config={"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -191,8 +191,6 @@ def test_trainable_bn_trains_every_backbone_layer_and_still_loads_detr(tiny_conf
     assert model.backbone.conv1.weight.grad is not None and model.backbone.bn1.weight.grad is not None
 
 
-
-
 def _two_objects(n: int, g: torch.Generator, red: int, blue: int, tok) -> tuple:
     """n scenes of a 2x2 token grid, a red and a blue object in two random cells; token = [is red, is blue,
     box cxcywh] scaled to norm ~sqrt(32), the size of a DETR encoder's LayerNorm'd output. Returns the visual tokens
@@ -213,10 +211,11 @@ def _two_objects(n: int, g: torch.Generator, red: int, blue: int, tok) -> tuple:
     return 32 ** 0.5 * vis, ids, named, other
 
 
-def test_the_fusion_learns_which_object_a_colour_word_names(shapes_tok, seed=0):
+def test_the_fusion_learns_which_object_a_colour_word_names(shapes_tok):
     # Two objects told apart only by colour, the word "red" or "blue": a model that ignores the text picks the
     # named one half of the time. fuse() takes the visual tokens directly: the fusion, [REG], the text path and the
     # box head, in seconds.
+    seed = 0
     torch.manual_seed(seed)
     D = 32
     cfg = ModelConfig(backbone="resnet18", imsize=64, hidden_dim=D, nheads=2, dim_feedforward=2 * D, dropout=0.0,

@@ -46,6 +46,7 @@ class ModelConfig:
     backbone: str = "resnet50"  # TransVG: resnet18/34/50/101 (paper: 50, 101); QRNet: swin_s_qrnet, swin_toy_qrnet
     swin: dict | None = None  # QRNet's Swin sizes (as in qrnet.SWIN_SIZES); None = those its backbone name gives
     dilation: bool = False  # dilate layer4 (stride 16 instead of 32): 4x the visual tokens
+    resnet_stages: int = 4  # 3 drops layer4 (stride 16, C = layer3's): the synthetic world's small canvases
     trainable_bn: bool = False  # False: TransVG's frozen BN, stem and layer1 (pretrained weights); True: all train
     imsize: int = 640  # side of the square padded canvas the model is built for
     hidden_dim: int = 256  # D: width of the DETR encoder and of the fusion transformer
@@ -62,11 +63,13 @@ class ModelConfig:
     visual_init: str = "random"  # "random", "imagenet" (a ResNet's), or a DETR / ResNet / Mask R-CNN Swin-S path
 
     def __post_init__(self) -> None:  # refused here, when the flags are read, not after minutes of loading
-        stride = 16 if self.dilation else 32
+        stride = 16 if self.dilation or self.resnet_stages == 3 else 32
         for name, ok, expected in [
                 ("backbone", self.backbone in BACKBONES, f"one of {', '.join(BACKBONES)}"),
                 ("visual_init", self.visual_init != "imagenet" or self.backbone in RESNETS, "not imagenet (a ResNet's)"),
                 ("dilation", not self.dilation or self.backbone in ("resnet50", "resnet101"), "a bottleneck ResNet"),
+                ("resnet_stages", self.resnet_stages == 4 or (self.resnet_stages == 3 and not self.dilation
+                                                              and self.backbone in RESNETS), "4, or 3 for an undilated ResNet"),
                 ("imsize", self.imsize > 0 and self.imsize % stride == 0, f"a multiple of the stride {stride}"),
                 ("nheads", self.nheads >= 1, ">= 1"),
                 ("hidden_dim", self.hidden_dim > 0 and self.hidden_dim % self.nheads == 0,
@@ -205,13 +208,17 @@ class GroundingModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.hidden_dim
-        self.stride = 16 if cfg.dilation else 32
+        self.stride = 16 if cfg.dilation or cfg.resnet_stages == 3 else 32
         n, self.qrnet = cfg.imsize // self.stride, cfg.backbone in qrnet.SWIN_SIZES
         self.num_visual = n * n + ((n + 1) // 2) ** 2 * self.qrnet  # N: 400 for a 640 canvas (QRNet: + 100)
         if not self.qrnet:  # visual branch: ResNet -> 1x1 conv -> DETR encoder (names as in DETR: its checkpoints map)
             self.backbone = build_resnet(cfg.backbone, cfg.dilation, "imagenet" if cfg.visual_init == "imagenet"
                                          else "", cfg.trainable_bn)
-            self.cnn_channels = self.backbone.layer4[-1].conv1.in_channels  # C: 2048 (bottleneck) or 512 (basic)
+            self.stages = ("conv1", "bn1", "relu", "maxpool", *(f"layer{i}" for i in range(1, cfg.resnet_stages + 1)))
+            if cfg.resnet_stages == 3:
+                del self.backbone.layer4
+            last = getattr(self.backbone, self.stages[-1])[-1]
+            self.cnn_channels = last.conv1.in_channels  # C: 2048 (bottleneck) or 512 (basic); layer3: half that
             self.input_proj = nn.Conv2d(self.cnn_channels, D, kernel_size=1)
             self.visual_encoder = Encoder(cfg.enc_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         # linguistic branch (train.py fills cfg.text_config first, resolve_text_config, so checkpoints rebuild it)
@@ -240,10 +247,11 @@ class GroundingModel(nn.Module):
             raise ValueError(f"distillation location must be one of {sorted(widths)}, got {loc!r}")
         return widths[loc]
 
-    def forward(self, images: torch.Tensor, img_is_pad: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor | None, img_is_pad: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, visual: tuple | None = None) -> dict:
         """images (B,3,S,S) normalised canvas; img_is_pad (B,S,S) True = padding; input_ids (B,L);
-        attention_mask (B,L) 1 = real token. Returns
+        attention_mask (B,L) 1 = real token; visual: what encode_image returned for these images, computed earlier
+        (a frozen visual branch: train.py's --cache_visual), or None. Returns
           "pred_boxes": (B,4) normalised (cx, cy, w, h) on the canvas;
           "distill": {loc: (visual (B,Cv), text (B,Ct))}, the student features of the paper's Table 4:
              loc1 fusion outputs at the first visual token ([VLS], p'_v^1) and at [CLS] (p'_l^1): the default;
@@ -252,7 +260,9 @@ class GroundingModel(nn.Module):
              loc4 ResNet output (first cell, top-left) and BERT's embedding-layer output at [CLS].
           QRNet, which has neither: loc3 the neck's first token (stride 32, with its scale embedding), loc4 Swin's.
         """
-        B, _, S, S2 = images.shape
+        if visual is not None and self.qrnet:
+            raise ValueError("QRNet's visual branch reads the expression: it has no precomputed `visual`")
+        S, S2 = (self.cfg.imsize,) * 2 if visual is not None else images.shape[-2:]
         L = input_ids.shape[1]
         if (S, S2) != (self.cfg.imsize,) * 2 or L != self.cfg.max_query_len:
             raise ValueError(f"model expects {self.cfg.imsize}x{self.cfg.imsize} images and {self.cfg.max_query_len} "
@@ -262,7 +272,7 @@ class GroundingModel(nn.Module):
             bert = self.text_encoder(**text)
             vis, vis_is_pad, cnn = self.backbone(images, img_is_pad, bert.last_hidden_state[:, 0])  # (B,N,D), ...
         else:
-            vis, vis_is_pad, cnn = self.encode_image(images, img_is_pad)
+            vis, vis_is_pad, cnn = self.encode_image(images, img_is_pad) if visual is None else visual
             bert = self.text_encoder(**text)  # linguistic branch: every token of the last layer, pads masked
         txt = bert.last_hidden_state  # (B,L,H)
         boxes, out, p_v, p_l = self.fuse(vis, vis_is_pad, txt, attention_mask == 0)
@@ -281,7 +291,7 @@ class GroundingModel(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """TransVG's visual branch (ResNet -> 1x1 conv -> DETR encoder): vis (B,N,D), vis_is_pad (B,N), cnn (B,C,h,w)."""
         x = images
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        for name in self.stages:
             x = getattr(self.backbone, name)(x)
         # A cell is padding iff the pixel at its top-left corner is (nearest resize at an exact stride): TransVG's.
         feat_is_pad = F.interpolate(img_is_pad[:, None].float(), size=x.shape[-2:]).squeeze(1).bool()  # (B,h,w)

@@ -36,6 +36,13 @@ def test_output_shapes_keys_and_range(model):
         model.distill_widths("loc5")
 
 
+def test_a_resnet_without_layer4_gives_stride_16_tokens(tiny_config):
+    model = GroundingModel(tiny_config(resnet_stages=3))  # the synthetic world's preset: 4x4 tokens at 64 px
+    assert model.stride == 16 and model.num_visual == 16 and not hasattr(model.backbone, "layer4")
+    out = model(**example_inputs(model.cfg))
+    assert out["distill"]["loc4"][0].shape == (3, 256) == (3, model.distill_widths("loc4")[0])  # layer3's channels
+
+
 def test_distill_locations_read_the_documented_tokens(model):
     captured = {}
     model.fusion.register_forward_hook(lambda m, i, o: captured.__setitem__("fusion", o))

@@ -2,16 +2,20 @@
 
     python toy.py                       # train the toy CLIP teacher into out/shapes_clip (train.py does it too)
 
-Real EpmVG starts from weights made elsewhere: CLIP for the teacher (and BERT, DETR for the student). The synthetic
+Real EpmVG starts from weights made elsewhere: CLIP for the teacher, BERT and DETR for the student. The synthetic
 world (shapes.py) has none, so this file makes them on the world itself, once, cached under out/ and loaded
-through the same paths as the real ones (--teacher <folder>):
+through the same paths as the real ones (--teacher <folder>, --visual_init <DETR checkpoint>):
   PRESET            the toy-size TransVG and schedule that `python train.py` runs by default
   toy CLIP          a small transformers CLIPModel trained with CLIP's own objective (symmetric cross-entropy over
                     image-text similarities) on the world's (canvas, expression) pairs, then frozen as the teacher
-  prepare_world     what train.py calls before a shapes run: the world's BERT vocabulary and the teacher, if missing
+  toy DETR          the student's own visual branch (ResNet + encoder) trained to detect the world's objects from
+                    the pixels alone, saved in DETR's checkpoint layout
+  CachedVisual      the frozen visual branch's tokens and the frozen teacher's targets, computed once per scene
+  prepare_world     what train.py calls before a shapes run: the vocabulary, the teacher and the DETR, if missing
 
-Everything here goes through the project's own code paths (data.py's transforms, CLIPTeacher's preprocessing and
-tokenizer), so the toy teacher is trained on exactly what it sees when it teaches.
+Everything here goes through the project's own code paths (data.py's transforms, the student's encode_image,
+CLIPTeacher's preprocessing and tokenizer), so the toy models are trained on exactly what they see later. There is
+no toy BERT: a random 1-layer BERT over the world's 24 words, trained with the fusion, is enough (README).
 """
 
 import json
@@ -20,32 +24,44 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.ops import box_convert
+from tqdm import tqdm
 
 import data
 import shapes
 import transforms
 from clip_teacher import CLIPTeacher, save_random_clip
+from model import DETR_PREFIXES, GroundingModel, ModelConfig, read_checkpoint, rename_keys
 from runtime import DeviceEnv, parse_config, print0
 
 # -----------------------------------------------------------------------------
 # the laptop preset
 
-# Sized for a 2-core laptop CPU (with its toy CLIP teacher 8.5 minutes on one 2-core host, about 30 on two others:
-# README): a ResNet-18 at 128 px learned from scratch (so ordinary BatchNorm, trainable_bn), a tiny BERT over the
-# world's 24 words, 2 + 2 transformer layers of width 128, 800 steps of 32 with the lr x0.1 for the last quarter.
-# Data loading stays in the main process: on 2 cores a worker process only competes with the model for them.
-PRESET = dict(backbone="resnet18", trainable_bn=True, imsize=128, hidden_dim=128, nheads=4, dim_feedforward=256,
-              enc_layers=2, vl_layers=2, max_query_len=16, text_encoder="out/shapes_vocab", text_init="random",
-              text_config={"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                           "intermediate_size": 256, "max_position_embeddings": 32},
-              visual_init="random", teacher="out/shapes_clip", epochs=4, lr_drop=3, batch_size=32, micro_batch=32,
-              lr=2e-4, lr_visual=2e-4, lr_text=2e-4, shapes_train_size=6400, num_workers=0, eval_batch=64)
+# The paper's setting in miniature: the student starts from a pretrained visual branch (the toy DETR below, frozen,
+# so its tokens are computed once per scene: CachedVisual) and learns BERT and the fusion on the grounding data. A
+# ResNet-18 to layer3 (stride 16) at a 64 px canvas gives 4 x 4 tokens; 1 encoder + 3 fusion layers of width 64; a
+# 1-layer BERT over the world's 24 words; the fusion's positions start small (pos_std 0.02: README); 9 epochs of the
+# 20,000 train scenes in batches of 128 with a cosine lr. Data loading stays in the main process: on 2 cores a
+# worker process only competes with the model for them.
+PRESET = dict(backbone="resnet18", resnet_stages=3, trainable_bn=True, imsize=64, hidden_dim=64, nheads=4,
+              dim_feedforward=128, dropout=0.0, enc_layers=1, vl_layers=3, pos_std=0.02, max_query_len=16,
+              text_encoder="out/shapes_vocab", text_init="random",
+              text_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "intermediate_size": 128, "max_position_embeddings": 32},
+              visual_init="out/shapes_detr.pth", teacher="out/shapes_clip", cache_visual=True, augment=False,
+              epochs=9, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=128, micro_batch=128,
+              lr=2e-3, lr_text=2e-3, shapes_train_size=20000, num_workers=0, eval_batch=250, eval_every=500)
+
+# QRNet's visual branch reads the expression, so it can be neither the toy DETR nor cached: with a QRNet student
+# (--backbone swin_toy_qrnet) the synthetic world's run learns it from scratch, on augmented canvases.
+QRNET_PRESET = dict(resnet_stages=4, visual_init="random", cache_visual=False, augment=True)
 
 # -----------------------------------------------------------------------------
 # the toy CLIP teacher
@@ -54,7 +70,7 @@ PRESET = dict(backbone="resnet18", trainable_bn=True, imsize=128, hidden_dim=128
 @dataclass
 class ToyCLIPConfig:
     out_dir: str = PRESET["teacher"]  # where the CLIP is saved (config, weights, tokenizer, metrics.json)
-    steps: int = 400  # contrastive training steps
+    steps: int = 300  # contrastive training steps (train.py: --toy_teacher_steps)
     batch_size: int = 64  # image-text pairs per step (the negatives of each pair)
     lr: float = 1e-3  # AdamW, cosine decay to 0
     image_size: int = 64  # CLIP's input: the student's canvas is resized to this
@@ -64,6 +80,7 @@ class ToyCLIPConfig:
     imsize: int = PRESET["imsize"]  # the student's canvas side, which the teacher sees
     shapes_image_size: int = 128  # long side of the world's images
     eval_size: int = 512  # held-out val pairs for the retrieval accuracy
+    augment: bool = False  # train on augmented canvases; the preset's student sees unaugmented ones (cache_visual)
     seed: int = 0  # initialisation and data order
 
 
@@ -172,39 +189,194 @@ def build_toy_teacher(cfg: ToyCLIPConfig) -> dict:
     words = list(shapes.WORDS)
     world = data.DataConfig("shapes", shapes_image_size=cfg.shapes_image_size, shapes_eval_size=cfg.eval_size)
     kw = {"imsize": cfg.imsize, "max_query_len": PRESET["max_query_len"]}
-    train_set = data.make_dataset(world, "train", tokenizer, train=True, **kw)
+    train_set = data.make_dataset(world, "train", tokenizer, train=cfg.augment, **kw)
     eval_set = data.make_dataset(world, "val", tokenizer, train=False, **kw)
     return train_toy_clip(cfg, train_set, eval_set, words)
+
+
+# -----------------------------------------------------------------------------
+# the toy DETR: the student's visual branch, pretrained on the world's images without a word of text
+
+ATTRIBUTES = (("size", tuple(shapes.SIZES)), ("colour", tuple(shapes.COLOURS)), ("shape", shapes.SHAPE_NAMES))
+VISUAL = ("backbone.", "input_proj.", "visual_encoder.")  # the visual branch's parameter names start so
+VISUAL_FIELDS = ("backbone", "resnet_stages", "trainable_bn", "imsize", "hidden_dim", "nheads", "dim_feedforward",
+                 "dropout", "enc_layers")  # the ModelConfig fields that shape the visual branch
+
+
+@dataclass
+class ToyDETRConfig:
+    path: str = PRESET["visual_init"]  # where the checkpoint goes, in DETR's layout (--visual_init loads it)
+    steps: int = 300  # training steps (train.py: --toy_detr_steps)
+    batch_size: int = 32  # canvases per step (32 x 300 learns shapes better than 64 x 150 in the same time: README)
+    lr: float = 2e-3  # AdamW, 30 warmup steps, cosine decay to 0
+    train_size: int = 20000  # the world's train scenes it learns from (unaugmented, as the preset's student)
+    shapes_image_size: int = 128  # long side of the world's images
+    seed: int = 0  # initialisation and data order
+    model: dict | None = None  # the student's VISUAL_FIELDS: the architecture it trains
+
+
+def cell_targets(sample: dict, scene: dict, stride: int) -> dict:
+    """What a detector should say at each visual token (stride x stride cell, row-major) of an unaugmented canvas:
+    objectness 1 at the cell holding an object's centre (the bigger object where two share one), its size / colour
+    / shape as class indices (-100 elsewhere: ignored), and its box (cx, cy, w, h) as fractions of the canvas."""
+    side = sample["image"].shape[-1]
+    n = side // stride
+    objectness, labels, box = torch.zeros(n * n), torch.full((n * n, len(ATTRIBUTES)), -100), torch.zeros(n * n, 4)
+    scale, offset = sample["scale"].repeat(2), sample["pad_offset"].repeat(2)  # canvas = original * scale + offset
+    for obj in sorted(scene["objects"], key=lambda o: o["side"]):
+        xyxy = torch.tensor(obj["box"], dtype=torch.float32) * scale + offset
+        cx, cy = ((xyxy[:2] + xyxy[2:]) / 2).tolist()
+        cell = min(int(cy // stride), n - 1) * n + min(int(cx // stride), n - 1)
+        objectness[cell] = 1
+        labels[cell] = torch.tensor([names.index(obj[key]) for key, names in ATTRIBUTES])
+        box[cell] = box_convert(xyxy, "xyxy", "cxcywh") / side
+    return {"objectness": objectness, "labels": labels, "box": box}
+
+
+def detection_loss(out: torch.Tensor, targets: dict, vis_is_pad: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """out (B,N,1+classes+4) from a linear head on the visual tokens -> objectness BCE on real cells + each
+    attribute's cross-entropy + 5 x box L1 at object cells; and the accuracies (%) it reaches."""
+    real, is_obj = ~vis_is_pad, targets["objectness"] > 0
+    loss = F.binary_cross_entropy_with_logits(out[..., 0][real], targets["objectness"][real])
+    metrics, at = {"objectness": 100 * ((out[..., 0][real] > 0) == is_obj[real]).float().mean().item()}, 1
+    for j, (key, names) in enumerate(ATTRIBUTES):
+        logits, labels = out[..., at:at + len(names)][is_obj], targets["labels"][is_obj][:, j]
+        loss = loss + F.cross_entropy(logits, labels)
+        metrics[key] = 100 * (logits.argmax(-1) == labels).float().mean().item()
+        at += len(names)
+    box_l1 = F.l1_loss(out[..., at:at + 4][is_obj].sigmoid(), targets["box"][is_obj])
+    return loss + 5 * box_l1, {**metrics, "box_l1": box_l1.item()}
+
+
+def _detection_batch(world: data.ShapesWorld, indices: list[int], stride: int) -> dict:
+    samples = [world[i] for i in indices]
+    return {**data.collate([{k: s[k] for k in ("image", "img_is_pad")} for s in samples]),
+            **data.collate([cell_targets(s, world.scene(i), stride) for s, i in zip(samples, indices)])}
+
+
+def build_toy_detr(cfg: ToyDETRConfig, mcfg: ModelConfig, tokenizer) -> dict:
+    """Train the student's visual branch (ResNet -> 1x1 conv -> encoder) to detect every object of the world's
+    canvases, as DETR is trained on COCO before TransVG starts from it, and save it in DETR's checkpoint layout.
+    The head (one linear layer per token) is thrown away, like DETR's decoder."""
+    if os.path.exists(cfg.path):
+        raise FileExistsError(f"{cfg.path} exists; delete it to build a new toy DETR there")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    tiny_text = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 8,
+                 "vocab_size": 8, "max_position_embeddings": max(32, mcfg.max_query_len)}  # unused here
+    model = GroundingModel(replace(mcfg, visual_init="random", text_init="random", text_config=tiny_text))
+    head = nn.Linear(mcfg.hidden_dim, 1 + sum(len(names) for _, names in ATTRIBUTES) + 4)
+    visual = [p for k, p in model.named_parameters() if k.startswith(VISUAL)]
+    optimizer = torch.optim.AdamW([*visual, *head.parameters()], lr=cfg.lr, weight_decay=1e-4)
+    world = data.ShapesWorld("train", tokenizer, train=False, imsize=mcfg.imsize, max_query_len=mcfg.max_query_len,
+                             size=cfg.train_size, image_size=cfg.shapes_image_size)
+    order = torch.randperm(cfg.steps * cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        indices = (order[step * cfg.batch_size:(step + 1) * cfg.batch_size] % len(world)).tolist()
+        batch = _detection_batch(world, indices, model.stride)
+        vis, vis_is_pad, _ = model.encode_image(batch["image"], batch["img_is_pad"])
+        loss, metrics = detection_loss(head(vis), batch, vis_is_pad)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            print(f"toy DETR step {step + 1}/{cfg.steps}: loss {loss.item():.3f}, " +
+                  ", ".join(f"{k} {v:.3f}" if k == "box_l1" else f"{k} {v:.0f}%" for k, v in metrics.items()),
+                  flush=True)
+    model.eval()  # held-out scenes: what a frozen branch will know
+    val = data.ShapesWorld("val", tokenizer, train=False, imsize=mcfg.imsize, max_query_len=mcfg.max_query_len,
+                           size=512, image_size=cfg.shapes_image_size)
+    with torch.no_grad():
+        batch = _detection_batch(val, list(range(len(val))), model.stride)
+        vis, vis_is_pad, _ = model.encode_image(batch["image"], batch["img_is_pad"])
+        metrics = {f"val_{k}": v for k, v in detection_loss(head(vis), batch, vis_is_pad)[1].items()}
+    # DETR's names (backbone.0.body.*, transformer.encoder.layers.*), so --visual_init loads it like detr-r50.pth
+    sd, _ = rename_keys({k: v for k, v in model.state_dict().items() if k.startswith(VISUAL)},
+                        {ours: theirs for theirs, ours in DETR_PREFIXES.items()})
+    metrics.update(seconds=time.time() - t0)
+    partial = cfg.path + ".partial"  # moved into place whole: a killed build never looks like a DETR
+    os.makedirs(os.path.dirname(cfg.path) or ".", exist_ok=True)
+    torch.save({"model": sd, "toy_config": asdict(cfg), "metrics": metrics}, partial)
+    os.replace(partial, cfg.path)
+    print(f"toy DETR saved to {cfg.path} in {metrics['seconds']:.0f} s; on 512 held-out scenes: " +
+          ", ".join(f"{k[4:]} {v:.3f}" if k == "val_box_l1" else f"{k[4:]} {v:.0f}%" for k, v in metrics.items()
+                    if k.startswith("val_")))
+    return metrics
+
+
+class CachedVisual(torch.utils.data.Dataset):
+    """A dataset with its images replaced by what a frozen visual branch makes of them ("vis", "vis_is_pad", and
+    the CNN's top-left cell "cnn": all that forward(visual=...) reads) and by a frozen teacher's targets
+    ("teacher_image", "teacher_text"), computed once, in eval mode. A training step then costs BERT and the fusion
+    only: the preset's fine-tune is ~20x faster than running the ResNet every step. Everything stays in memory,
+    so it is for the synthetic world's sizes (20,000 scenes: ~100 MB), and only valid unaugmented."""
+
+    def __init__(self, dataset, model: GroundingModel, teacher, widths: tuple, device: torch.device,
+                 batch_size: int = 256) -> None:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate)
+        keep, parts, was_training = ("input_ids", "attention_mask", "target"), {}, model.training
+        self.text = []
+        model.eval()
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="frozen visual branch: caching its tokens", dynamic_ncols=True):
+                images = batch["image"].to(device)
+                vis, vis_is_pad, cnn = model.encode_image(images, batch["img_is_pad"].to(device))
+                fields = {"vis": vis, "vis_is_pad": vis_is_pad, "cnn": cnn[:, :, :1, :1], **{k: batch[k] for k in keep}}
+                if teacher is not None:
+                    image, text = teacher.targets(transforms.unnormalise(images), batch["text"], widths)
+                    fields.update({k: v for k, v in (("teacher_image", image), ("teacher_text", text)) if v is not None})
+                for k, v in fields.items():
+                    parts.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
+                self.text += batch["text"]
+        model.train(was_training)
+        self.fields = {k: torch.cat(v) for k, v in parts.items()}
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.fields.items()}, "text": self.text[i]}
 
 
 # -----------------------------------------------------------------------------
 # before a shapes run
 
 
-def prepare_world(text_encoder: str, teacher: str | None, teacher_steps: int, imsize: int, image_size: int,
-                  env: DeviceEnv) -> None:
-    """Make what a shapes run loads but nobody can download: the world's BERT vocabulary and its toy CLIP teacher
-    (None: no distillation), once, by rank 0; later runs reuse them. Only at the preset's paths or at absolute
-    ones: a hub name such as openai/clip-vit-base-patch16 must never become a local folder of toy files."""
+def prepare_world(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None, teacher_steps: int,
+                  detr_steps: int, env: DeviceEnv) -> None:
+    """Make what a shapes run loads but nobody can download, once, by rank 0; later runs reuse it: the world's BERT
+    vocabulary, its toy CLIP teacher (teacher None: no distillation) and its toy DETR (when --visual_init names a
+    missing file). Only at the preset's paths or at absolute ones: a hub name such as
+    openai/clip-vit-base-patch16 must never become a local folder of toy files."""
     def ours(path: str, preset: str) -> bool:
         return not os.path.exists(path) and (path == preset or os.path.isabs(path))
 
-    wanted = None if teacher is None else ToyCLIPConfig(out_dir=teacher, steps=teacher_steps, imsize=imsize,
-                                                         shapes_image_size=image_size)
-    if env.is_master and ours(text_encoder, PRESET["text_encoder"]):
-        print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(text_encoder)}")
+    wanted = None if teacher is None else ToyCLIPConfig(out_dir=teacher, steps=teacher_steps, imsize=mcfg.imsize,
+                                                         shapes_image_size=dcfg.shapes_image_size)
+    detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else ToyDETRConfig(
+        path=mcfg.visual_init, steps=detr_steps, train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
+        shapes_image_size=dcfg.shapes_image_size, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
+    if env.is_master and ours(mcfg.text_encoder, PRESET["text_encoder"]):
+        print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
     if env.is_master and wanted is not None and ours(teacher, PRESET["teacher"]):
         print0(f"no CLIP teacher at {teacher}: training the synthetic world's toy CLIP first "
                f"(python toy.py does the same)")
         build_toy_teacher(wanted)
+    if env.is_master and detr is not None and ours(detr.path, PRESET["visual_init"]):
+        print0(f"no visual branch at {detr.path}: pretraining the synthetic world's toy DETR first")
+        build_toy_detr(detr, mcfg, data.load_tokenizer(mcfg.text_encoder))
     if env.ddp:
         torch.distributed.barrier()
-    check_world_files(text_encoder, wanted)
+    check_world_files(mcfg.text_encoder, wanted, detr)
 
 
-def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None) -> None:
-    """Refuse a cached vocabulary or toy CLIP that was made by other code or settings than this run asks for, never
-    reuse it silently. A folder without our metrics.json is a CLIP someone supplied: it is used as given."""
+def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None, detr: ToyDETRConfig | None = None) -> None:
+    """Refuse a cached vocabulary, toy CLIP or toy DETR that was made by other code or settings than this run asks
+    for, never reuse it silently. A CLIP folder without our metrics.json, or a checkpoint without our toy_config,
+    is something someone supplied: it is used as given."""
     vocab = Path(text_encoder) / "vocab.txt"
     if vocab.exists() and not (Path(text_encoder) / "config.json").exists():  # a real BERT folder has one
         missing = sorted(set(shapes.WORDS) - set(vocab.read_text().split()))
@@ -212,14 +384,22 @@ def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None) -> None:
             raise ValueError(f"{vocab} lacks words the synthetic world says ({', '.join(missing[:5])}); delete "
                              f"{text_encoder} to have it rewritten")
     record = None if teacher is None else Path(teacher.out_dir) / "metrics.json"
-    if record is None or not record.exists():
-        return
-    built = json.loads(record.read_text()).get("config", {})
-    diff = [f"{k} {built.get(k)!r} (this run: {v!r})" for k, v in asdict(teacher).items()
-            if k != "out_dir" and built.get(k) != v]
+    if record is not None and record.exists():
+        _same_settings(f"the toy CLIP at {teacher.out_dir}", json.loads(record.read_text()).get("config", {}),
+                       teacher, "out_dir", "Delete the folder to rebuild it with this run's, or pass --teacher <another "
+                       "folder>")
+    if detr is not None and os.path.isfile(detr.path):
+        built = read_checkpoint(detr.path).get("toy_config")
+        if built is not None:
+            _same_settings(f"the toy DETR {detr.path}", built, detr, "path", "Delete it to rebuild it with this "
+                           "run's, or pass --visual_init <another path>")
+
+
+def _same_settings(what: str, built: dict, wanted, skip: str, fix: str) -> None:
+    diff = [f"{k} {built.get(k)!r} (this run: {v!r})" for k, v in asdict(wanted).items()
+            if k != skip and built.get(k) != v]
     if diff:
-        raise ValueError(f"the toy CLIP at {teacher.out_dir} was built with other settings: {'; '.join(diff)}. "
-                         f"Delete the folder to rebuild it with this run's, or pass --teacher <another folder>")
+        raise ValueError(f"{what} was built with other settings: {'; '.join(diff)}. {fix}")
 
 
 def main(argv: list[str] | None = None) -> dict:

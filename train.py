@@ -57,6 +57,7 @@ class TrainConfig:
     augment: bool = True  # TransVG's train augmentation (scale, crop, colour, flip with word swap, translate)
     epochs: int = 90  # paper: 90 (180 for RefCOCO+)
     lr_drop: int = 60  # every lr x0.1 from this epoch on (paper: 60; 120 for RefCOCO+)
+    lr_schedule: str = "step"  # step (x0.1 at lr_drop: TransVG) or cosine (to 0 at the end of the last epoch)
     batch_size: int = 64  # global images per optimizer step (paper: 8 GPUs x 8)
     micro_batch: int = 8  # images per device per forward; gradient accumulation makes up batch_size
     lr: float = 1e-4  # fusion transformer, projections, [REG], position table, box head (QRNet: + QD-ATT, scales)
@@ -76,7 +77,9 @@ class TrainConfig:
     teacher: str = "openai/clip-vit-base-patch16"  # CLIP hub name or local directory
     teacher_trainable: bool = False  # Table 5 "unfrozen": CLIP trains at lr_visual with the distillation grads
     teacher_text_cache: int = 0  # frozen teacher: keep this many text embeddings, keyed on the exact expression
-    toy_teacher_steps: int = 400  # shapes: training steps of the toy CLIP that is built when --teacher is missing
+    toy_teacher_steps: int = 300  # shapes: training steps of the toy CLIP that is built when --teacher is missing
+    toy_detr_steps: int = 300  # shapes: training steps of the toy DETR that is built when --visual_init is missing
+    cache_visual: bool = False  # freeze the visual branch; its tokens (and the teacher's targets) once per sample
     checkpoint_dir: str = "checkpoints"  # where visual_init=detr / mask_rcnn finds detr-r50-unc.pth, unc_latest.pth..
     out_dir: str = ""  # default out/<dataset> (out/<dataset>_2, _3, ... when that holds an earlier run)
     overwrite: bool = False  # start over in an --out_dir that holds a run: its checkpoints and log are deleted
@@ -97,12 +100,15 @@ class TrainConfig:
             *[(k, getattr(self, k) >= 1, ">= 1") for k in ("epochs", "batch_size", "micro_batch", "eval_batch")],
             *[(k, getattr(self, k) >= 0, ">= 0") for k in (
                 "lr_drop", "lr_visual", "lr_text", "weight_decay", "warmup_steps", "clip_grad", "max_steps",
-                "giou_weight", "alpha", "beta", "teacher_text_cache", "toy_teacher_steps", "eval_every",
-                "save_every", "num_workers")],
+                "giou_weight", "alpha", "beta", "teacher_text_cache", "toy_teacher_steps", "toy_detr_steps",
+                "eval_every", "save_every", "num_workers")],
             ("lr", self.lr > 0, "> 0"),
             ("batch_size", self.micro_batch < 1 or self.batch_size % self.micro_batch == 0,
              f"a multiple of micro_batch = {self.micro_batch}"),
             ("box_loss", self.box_loss in ("l1", "smooth_l1"), "l1 or smooth_l1"),
+            ("lr_schedule", self.lr_schedule in ("step", "cosine"), "step or cosine"),
+            ("cache_visual", not self.cache_visual or not (self.augment or self.teacher_trainable),
+             "false with --augment or --teacher_trainable (the cache holds one unaugmented, frozen view)"),
             ("distill", self.distill in ("cos", "l1", "none"), "cos, l1 or none"),
             ("distill_modality", self.distill_modality in ("both", "image", "text"), "both, image or text"),
             ("distill_loc", self.distill_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
@@ -125,6 +131,7 @@ PRESETS["shapes"] = toy.PRESET
 # README), batch 128 (its RefCOCO script: 8 GPUs x 16; ReferIt's: 8 x 8). Its per-group lrs are ours: param_groups.
 QRNET_PRESETS = {name: {"visual_init": "mask_rcnn", "epochs": 180, "lr_drop": 120 if name == "refcoco+" else 60,
                         "batch_size": 128 if name.startswith("refcoco") else 64} for name in PRESETS if name != "shapes"}
+QRNET_PRESETS["shapes"] = toy.QRNET_PRESET
 
 
 def preset(flags: dict) -> dict:
@@ -159,8 +166,11 @@ def resolve(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, vocab_si
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Multiplier of every base lr at an optimizer step: linear warmup, then x0.1 from epoch lr_drop (TransVG's
-    StepLR). A pure function of the step, so resuming needs no scheduler state."""
+    StepLR) or a cosine to 0 at the end of the last epoch (--max_steps stops early, it does not squeeze the
+    schedule). A pure function of the step, so resuming needs no scheduler state."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * step / (cfg.epochs * steps_per_epoch)))
     return warm * (0.1 if step >= cfg.lr_drop * steps_per_epoch else 1.0)
 
 
@@ -221,15 +231,17 @@ def optimizer_step(model: torch.nn.Module, teacher: CLIPTeacher | None, widths: 
     sums = {}
     for micro in range(accum):
         batch = {k: v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-        images = batch["image"]
-        if cfg.channels_last:
+        cached = (batch["vis"], batch["vis_is_pad"], batch["cnn"]) if cfg.cache_visual else None  # toy.CachedVisual
+        images = batch.get("image")
+        if cfg.channels_last and not cached:
             images = images.contiguous(memory_format=torch.channels_last)
         with model.no_sync() if env.ddp and micro < accum - 1 else contextlib.nullcontext():
             with runtime.autocast_for(env.device, cfg.dtype):
-                out = model(images, batch["img_is_pad"], batch["input_ids"], batch["attention_mask"])
+                out = model(images, batch.get("img_is_pad"), batch["input_ids"], batch["attention_mask"], cached)
             distill_terms = {}
             if teacher is not None:
-                targets = teacher.targets(transforms.unnormalise(images), batch["text"], widths)
+                targets = ((batch.get("teacher_image"), batch.get("teacher_text")) if cached else
+                           teacher.targets(transforms.unnormalise(images), batch["text"], widths))
                 distill_terms = distill_loss(out["distill"][cfg.distill_loc], targets, cfg.distill,
                                              cfg.distill_modality, cfg.alpha, cfg.beta)
             loss, terms = total_loss(out["pred_boxes"], batch["target"], cfg.box_loss, cfg.giou_weight,
@@ -336,8 +348,8 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     """The training run; returns the final metrics and the trained (unwrapped) student."""
     # config: everything implicit is resolved here, once; `configs` is what every checkpoint holds
     if dcfg.dataset == "shapes":
-        toy.prepare_world(mcfg.text_encoder, None if cfg.distill == "none" else cfg.teacher, cfg.toy_teacher_steps,
-                          mcfg.imsize, dcfg.shapes_image_size, env)
+        toy.prepare_world(mcfg, dcfg, None if cfg.distill == "none" else cfg.teacher, cfg.toy_teacher_steps,
+                          cfg.toy_detr_steps, env)
     tokenizer = data.load_tokenizer(mcfg.text_encoder)
     cfg, mcfg = resolve(cfg, dcfg, mcfg, len(tokenizer))
     configs = {"train_config": asdict(cfg), "data_config": asdict(dcfg), "model_config": asdict(mcfg)}
@@ -365,6 +377,11 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     random.seed(cfg.seed + env.rank)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.cache_visual:  # a frozen visual branch: the optimizer never sees it (QRNet's reads the text: no)
+        if model.qrnet:
+            raise ValueError("--cache_visual: QRNet's visual branch depends on the expression, so it cannot be cached")
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad and not name.startswith(toy.VISUAL))
     print0(f"student parameters: {count_parameters(model)}")
 
     # teacher, optimizer, resume (weights, optimizer, counters and RNG; the lr follows from the step)
@@ -385,6 +402,9 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
                                            sidecar=teacher.model if teacher is not None and teacher.trainable else None)
         step, best = ckpt["step"], ckpt["best_metric"]
         print0(f"resumed from {cfg.resume} at step {step} (epoch {step // steps_per_epoch}), best {best:.2f}")
+    if cfg.cache_visual:  # after the resume: its weights are the ones to cache
+        train_set = runtime.EpochSeeded(toy.CachedVisual(train_set.dataset, model, teacher, widths, env.device),
+                                        cfg.seed)
     raw_model = model  # unwrapped and uncompiled: what checkpoints hold; save(name, step, best) writes them
     save = functools.partial(save_checkpoint, model=raw_model, optimizer=optimizer, scaler=scaler, teacher=teacher,
                              configs=configs, steps_per_epoch=steps_per_epoch, cfg=cfg, env=env)

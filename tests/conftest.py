@@ -68,4 +68,7 @@ def _tiny_train_flags(out_dir, *extra: str) -> list[str]:
             '--text_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, '
             '"intermediate_size": 64, "max_position_embeddings": 32}',
             "--shapes_train_size=24", "--shapes_eval_size=9", "--batch_size=8", "--micro_batch=4",
-            "--num_workers=0", "--eval_batch=4", "--distill=none", *extra]
+            "--num_workers=0", "--eval_batch=4", "--distill=none",
+            # the general machinery (augmentation, a trainable visual branch, an eval per epoch), not the preset's
+            "--visual_init=random", "--cache_visual=false", "--augment=true", "--eval_every=0", "--lr=2e-4",
+            "--lr_visual=2e-4", "--lr_text=2e-4", "--lr_schedule=step", "--warmup_steps=0", "--clip_grad=0", *extra]

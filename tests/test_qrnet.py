@@ -140,7 +140,8 @@ def test_qrnet_recipe_preset_and_mask_rcnn_path(tmp_path):
     assert train.preset({"dataset": "refcocog", "backbone": "swin_s_qrnet"})["max_query_len"] == 40
     assert train.preset({"dataset": "referit", "backbone": "swin_s_qrnet"})["batch_size"] == 64
     assert train.preset({"dataset": "refcoco", "backbone": "resnet50"})["visual_init"] == "detr"
-    assert train.preset({"dataset": "shapes", "backbone": "swin_toy_qrnet"})["visual_init"] == "random"
+    toy_qrnet = train.preset({"dataset": "shapes", "backbone": "swin_toy_qrnet"})
+    assert (toy_qrnet["visual_init"], toy_qrnet["cache_visual"]) == ("random", False)
     import data
     cfg, dcfg = train.TrainConfig(checkpoint_dir=str(tmp_path)), data.DataConfig("refcoco")
     mcfg = train.ModelConfig(backbone="swin_s_qrnet", visual_init="mask_rcnn", text_init="random",

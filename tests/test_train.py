@@ -33,6 +33,10 @@ def test_lr_is_a_pure_function_of_the_step():
     cfg = train.TrainConfig(lr_drop=2, warmup_steps=4)
     factors = [train.lr_factor(s, steps_per_epoch=5, cfg=cfg) for s in range(12)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4:10] == [1.0] * 6 and factors[10:] == [0.1, 0.1]
+    cosine = train.TrainConfig(lr_schedule="cosine", warmup_steps=2, epochs=2)
+    factors = [train.lr_factor(s, steps_per_epoch=5, cfg=cosine) for s in range(10)]
+    assert factors[0] == 0.5 and factors[5] == pytest.approx(0.5) and 0 < factors[-1] < 0.03
+    assert all(a > b for a, b in zip(factors[1:], factors[2:]))  # after the warmup, down every step
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +60,8 @@ def test_run_writes_plain_checkpoints_logs_and_config(tmp_path, tiny_train_flags
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_train_flags, tiny_clip_dir):
     # 24 samples / batch 8 = 3 steps per epoch: stop mid-epoch (step 2), resume to step 5 (mid-epoch 2)
-    flags = ["--epochs=2", "--lr_drop=1", "--distill=cos", f"--teacher={tiny_clip_dir}", "--final_eval=false"]
+    flags = ["--epochs=2", "--lr_drop=1", "--lr_schedule=step", "--lr=2e-4", "--warmup_steps=0", "--distill=cos",
+             f"--teacher={tiny_clip_dir}", "--final_eval=false"]
     train.main(tiny_train_flags(tmp_path / "full", *flags, "--max_steps=5"))
     train.main(tiny_train_flags(tmp_path / "cut", *flags, "--max_steps=2"))
     assert read_checkpoint(str(tmp_path / "cut" / "last.pt"))["step"] == 2
@@ -246,6 +251,9 @@ def test_a_crash_mid_epoch_loses_only_the_steps_since_save_every(tmp_path, tiny_
     ("--batch_size=10", "--batch_size: expected a multiple of micro_batch = 4, got 10"),
     ("--distill_loc=loc5", "--distill_loc: expected loc1"), ("--imsize=100", "--imsize: expected a multiple of the stride"),
     ("--pos_std=-0.1", "--pos_std: expected >= 0, got -0.1"),
+    ("--cache_visual=true", "--cache_visual: expected false with --augment"),
+    ("--lr_schedule=linear", "--lr_schedule: expected step or cosine"),
+    ("--resnet_stages=2", "--resnet_stages: expected 4, or 3 for an undilated ResNet"),
 ])
 def test_bad_values_are_refused_when_the_flags_are_read(flag, message, tmp_path, tiny_train_flags, capsys):
     with pytest.raises(SystemExit):

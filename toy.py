@@ -60,8 +60,15 @@ PRESET = dict(backbone="resnet18", resnet_stages=3, trainable_bn=True, imsize=64
               lr=2e-3, lr_text=2e-3, shapes_train_size=20000, num_workers=0, eval_batch=250, eval_every=500)
 
 # QRNet's visual branch reads the expression, so it can be neither the toy DETR nor cached: with a QRNet student
-# (--backbone swin_toy_qrnet) the synthetic world's run learns it from scratch, on augmented canvases.
-QRNET_PRESET = dict(resnet_stages=4, visual_init="random", cache_visual=False, augment=True)
+# (--backbone swin_toy_qrnet) the synthetic world's run learns it from scratch, on augmented 128 px canvases, with
+# the earlier laptop recipe (README: 800 steps of 32, 2 + 2 layers of width 128) and a toy CLIP of its own.
+QRNET_PRESET = dict(resnet_stages=4, visual_init="random", cache_visual=False, augment=True, imsize=128,
+                    hidden_dim=128, dim_feedforward=256, dropout=0.1, enc_layers=2, vl_layers=2, pos_std=1.0,
+                    text_config={"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                 "intermediate_size": 256, "max_position_embeddings": 32},
+                    teacher="out/shapes_clip_128", epochs=4, lr_drop=3, lr_schedule="step", warmup_steps=0,
+                    clip_grad=0.0, batch_size=32, micro_batch=32, lr=2e-4, lr_visual=2e-4, lr_text=2e-4,
+                    shapes_train_size=6400, eval_batch=64, eval_every=0)
 
 # -----------------------------------------------------------------------------
 # the toy CLIP teacher
@@ -351,8 +358,8 @@ def prepare_world(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None,
     vocabulary, its toy CLIP teacher (teacher None: no distillation) and its toy DETR (when --visual_init names a
     missing file). Only at the preset's paths or at absolute ones: a hub name such as
     openai/clip-vit-base-patch16 must never become a local folder of toy files."""
-    def ours(path: str, preset: str) -> bool:
-        return not os.path.exists(path) and (path == preset or os.path.isabs(path))
+    def ours(path: str, *presets: str) -> bool:
+        return not os.path.exists(path) and (path in presets or os.path.isabs(path))
 
     wanted = None if teacher is None else ToyCLIPConfig(out_dir=teacher, steps=teacher_steps, imsize=mcfg.imsize,
                                                          shapes_image_size=dcfg.shapes_image_size)
@@ -361,7 +368,7 @@ def prepare_world(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None,
         shapes_image_size=dcfg.shapes_image_size, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
     if env.is_master and ours(mcfg.text_encoder, PRESET["text_encoder"]):
         print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
-    if env.is_master and wanted is not None and ours(teacher, PRESET["teacher"]):
+    if env.is_master and wanted is not None and ours(teacher, PRESET["teacher"], QRNET_PRESET["teacher"]):
         print0(f"no CLIP teacher at {teacher}: training the synthetic world's toy CLIP first "
                f"(python toy.py does the same)")
         build_toy_teacher(wanted)

@@ -323,7 +323,8 @@ class CachedVisual(torch.utils.data.Dataset):
 
     def __init__(self, dataset, model: GroundingModel, teacher, widths: tuple, device: torch.device,
                  batch_size: int = 256) -> None:
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate)
+        # its own generator: a loader otherwise draws a seed from the global RNG, which a resumed run has just restored
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate, generator=torch.Generator())
         keep, parts, was_training = ("input_ids", "attention_mask", "target"), {}, model.training
         self.text = []
         model.eval()

@@ -58,10 +58,11 @@ def test_run_writes_plain_checkpoints_logs_and_config(tmp_path, tiny_train_flags
     assert model.cfg.imsize == 64 and not model.training
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_train_flags, tiny_clip_dir):
+@pytest.mark.parametrize("cached", [[], ["--cache_visual=true", "--augment=false"]], ids=["images", "cache_visual"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cached, tmp_path, tiny_train_flags, tiny_clip_dir):
     # 24 samples / batch 8 = 3 steps per epoch: stop mid-epoch (step 2), resume to step 5 (mid-epoch 2)
     flags = ["--epochs=2", "--lr_drop=1", "--lr_schedule=step", "--lr=2e-4", "--warmup_steps=0", "--distill=cos",
-             f"--teacher={tiny_clip_dir}", "--final_eval=false"]
+             f"--teacher={tiny_clip_dir}", "--final_eval=false", *cached]
     train.main(tiny_train_flags(tmp_path / "full", *flags, "--max_steps=5"))
     train.main(tiny_train_flags(tmp_path / "cut", *flags, "--max_steps=2"))
     assert read_checkpoint(str(tmp_path / "cut" / "last.pt"))["step"] == 2

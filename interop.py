@@ -20,6 +20,25 @@ import qrnet
 from model import GroundingModel, ModelConfig, read_checkpoint, rename_keys
 
 
+def official_visual_checkpoint(visual_init: str, backbone: str, detr: str, checkpoint_dir: str) -> str:
+    """Where the paper's visual initialisation lives: TransVG's DETR (visual_init='detr') or QRNet's Mask R-CNN
+    Swin-S ('mask_rcnn') for the data set whose detector is `detr`, under checkpoint_dir; a clear error if missing."""
+    if visual_init == "detr":
+        depth = "r101" if backbone == "resnet101" else "r50"
+        path = os.path.join(checkpoint_dir, f"detr-{depth}-{detr}.pth")
+        what = "TransVG's DETR checkpoints (COCO without the grounding val/test images; links in TransVG's README)"
+    else:  # QRNet's: COCO without the RefCOCO val/test images (its script's unc_latest.pth), or Swin's own release
+        path = os.path.join(checkpoint_dir, "mask_rcnn_swin_small_patch4_window7.pth" if detr == "referit"
+                            else f"{detr}_latest.pth")
+        what = ("a Mask R-CNN Swin-S (RefCOCO family: QRNet's, on the Google Drive its README links; ReferIt and "
+                "Flickr: Swin-Transformer-Object-Detection's release)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the paper initialises the visual branch from {what}. Put it "
+                                f"there, point --checkpoint_dir at it, or pass --visual_init "
+                                f"{'imagenet|' * (visual_init == 'detr')}random|<path>.")
+    return path
+
+
 def checkpoint_kind(ckpt: dict) -> str:
     """What a checkpoint file holds: "ours" (train.py), "qrnet" or "transvg" (their official train.py's {'model':
     ...}), "detr" (a DETR's state dict), or "other"."""

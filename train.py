@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import interop
 import qrnet
 import runtime
 import toy
@@ -78,7 +79,7 @@ class TrainConfig:
     teacher_trainable: bool = False  # Table 5 "unfrozen": CLIP trains at lr_visual with the distillation grads
     teacher_text_cache: int = 0  # frozen teacher: keep this many text embeddings, keyed on the exact expression
     toy_teacher_steps: int = 300  # shapes: training steps of the toy CLIP that is built when --teacher is missing
-    toy_detr_steps: int = 300  # shapes: training steps of the toy DETR that is built when --visual_init is missing
+    toy_detr_steps: int = 600  # shapes: training steps of the toy DETR that is built when --visual_init is missing
     cache_visual: bool = False  # freeze the visual branch; its tokens (and the teacher's targets) once per sample
     checkpoint_dir: str = "checkpoints"  # where visual_init=detr / mask_rcnn finds detr-r50-unc.pth, unc_latest.pth..
     out_dir: str = ""  # default out/<dataset> (out/<dataset>_2, _3, ... when that holds an earlier run)
@@ -145,22 +146,9 @@ def resolve(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, vocab_si
             ) -> tuple[TrainConfig, ModelConfig]:
     """Fill what the flags leave implicit, once, before anything is built: the DETR or Mask R-CNN checkpoint path and
     BERT's full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
-    detr = data.DATASETS[dcfg.dataset].detr
     if mcfg.visual_init in ("detr", "mask_rcnn"):
-        if mcfg.visual_init == "detr":
-            depth = "r101" if mcfg.backbone == "resnet101" else "r50"
-            path = os.path.join(cfg.checkpoint_dir, f"detr-{depth}-{detr}.pth")
-            what = "TransVG's DETR checkpoints (COCO without the grounding val/test images; links in TransVG's README)"
-        else:  # QRNet's: COCO without the RefCOCO val/test images (its script's unc_latest.pth), or Swin's own release
-            path = os.path.join(cfg.checkpoint_dir, "mask_rcnn_swin_small_patch4_window7.pth" if detr == "referit"
-                                else f"{detr}_latest.pth")
-            what = ("a Mask R-CNN Swin-S (RefCOCO family: QRNet's, on the Google Drive its README links; ReferIt and "
-                    "Flickr: Swin-Transformer-Object-Detection's release)")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: the paper initialises the visual branch from {what}. Put it "
-                                    f"there, point --checkpoint_dir at it, or pass --visual_init "
-                                    f"{'imagenet|' * (mcfg.visual_init == 'detr')}random|<path>.")
-        mcfg = replace(mcfg, visual_init=path)
+        mcfg = replace(mcfg, visual_init=interop.official_visual_checkpoint(
+            mcfg.visual_init, mcfg.backbone, data.DATASETS[dcfg.dataset].detr, cfg.checkpoint_dir))
     return cfg, resolve_text_config(mcfg, vocab_size if mcfg.text_init == "random" else None)
 
 

@@ -322,10 +322,12 @@ class CachedVisual(torch.utils.data.Dataset):
     ("teacher_image", "teacher_text"), computed once, in eval mode. A training step then costs BERT and the fusion
     only (2-core CPU, per sample: ~1.2 ms, against ~4 ms more for the frozen ResNet and ~1.7 ms for drawing the
     scene). Everything stays in memory, so it is for the synthetic world's sizes (20,000 scenes: ~110 MB), and only
-    valid unaugmented."""
+    valid unaugmented. A trainable teacher's targets change every step, so with teacher_trainable the canvases are
+    kept instead ("image", as the transform made them: ~1 GB at 64 px) and the teacher runs in the training step."""
 
     def __init__(self, dataset, model: GroundingModel, teacher, widths: tuple, device: torch.device,
                  batch_size: int = 256) -> None:
+        keep_images = teacher is not None and teacher.trainable
         # its own generator: a loader otherwise draws a seed from the global RNG, which a resumed run has just restored
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate, generator=torch.Generator())
         keep, parts, was_training = ("input_ids", "attention_mask", "target"), {}, model.training
@@ -336,7 +338,9 @@ class CachedVisual(torch.utils.data.Dataset):
                 images = batch["image"].to(device)
                 vis, vis_is_pad, cnn = model.encode_image(images, batch["img_is_pad"].to(device))
                 fields = {"vis": vis, "vis_is_pad": vis_is_pad, "cnn": cnn[:, :, :1, :1], **{k: batch[k] for k in keep}}
-                if teacher is not None:
+                if keep_images:
+                    fields["image"] = batch["image"]
+                elif teacher is not None:
                     image, text = teacher.targets(transforms.unnormalise(images), batch["text"], widths)
                     fields.update({k: v for k, v in (("teacher_image", image), ("teacher_text", text)) if v is not None})
                 for k, v in fields.items():

@@ -108,8 +108,8 @@ class TrainConfig:
              f"a multiple of micro_batch = {self.micro_batch}"),
             ("box_loss", self.box_loss in ("l1", "smooth_l1"), "l1 or smooth_l1"),
             ("lr_schedule", self.lr_schedule in ("step", "cosine"), "step or cosine"),
-            ("cache_visual", not self.cache_visual or not (self.augment or self.teacher_trainable),
-             "false with --augment or --teacher_trainable (the cache holds one unaugmented, frozen view)"),
+            ("cache_visual", not (self.cache_visual and self.augment),
+             "false with --augment (the cache holds one unaugmented view)"),
             ("distill", self.distill in ("cos", "l1", "none"), "cos, l1 or none"),
             ("distill_modality", self.distill_modality in ("both", "image", "text"), "both, image or text"),
             ("distill_loc", self.distill_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
@@ -228,7 +228,7 @@ def optimizer_step(model: torch.nn.Module, teacher: CLIPTeacher | None, widths: 
                 out = model(images, batch.get("img_is_pad"), batch["input_ids"], batch["attention_mask"], cached)
             distill_terms = {}
             if teacher is not None:
-                targets = ((batch.get("teacher_image"), batch.get("teacher_text")) if cached else
+                targets = ((batch.get("teacher_image"), batch.get("teacher_text")) if "image" not in batch else
                            teacher.targets(transforms.unnormalise(images), batch["text"], widths))
                 distill_terms = distill_loss(out["distill"][cfg.distill_loc], targets, cfg.distill,
                                              cfg.distill_modality, cfg.alpha, cfg.beta)

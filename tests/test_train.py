@@ -87,8 +87,11 @@ def test_resume_takes_the_run_from_the_checkpoint_and_refuses_changes(tmp_path, 
         train.main([f"--resume={last}", "--max_steps=4", "--lr=1e-3"])
 
 
-def test_trainable_teacher_trains_saves_beside_the_student_and_resumes(tmp_path, tiny_train_flags, tiny_clip_dir):
-    flags = ["--distill=cos", f"--teacher={tiny_clip_dir}", "--teacher_trainable", "--final_eval=false"]
+@pytest.mark.parametrize("cache", [[], ["--cache_visual=true", "--augment=false"]], ids=["", "cached_visual"])
+def test_trainable_teacher_trains_saves_beside_the_student_and_resumes(tmp_path, tiny_train_flags, tiny_clip_dir,
+                                                                       cache):
+    # with the frozen visual branch cached, the canvases stay in the cache and the teacher still runs every step
+    flags = ["--distill=cos", f"--teacher={tiny_clip_dir}", "--teacher_trainable", "--final_eval=false", *cache]
     train.main(tiny_train_flags(tmp_path, *flags, "--max_steps=2"))
     ckpt = read_checkpoint(str(tmp_path / "last.pt"))
     assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["fusion", "visual", "text", "teacher"]

@@ -48,8 +48,8 @@ from runtime import DeviceEnv, parse_config, print0
 # so its tokens are computed once per scene: CachedVisual) and learns BERT and the fusion on the grounding data. A
 # ResNet-18 to layer3 (stride 16) at a 64 px canvas gives 4 x 4 tokens; 1 encoder + 3 fusion layers of width 64; a
 # 1-layer BERT over the world's 24 words, without dropout (on 24 words dropout only slows the fusion's escape from
-# boxing the wrong object: README); the fusion's positions start small (pos_std 0.02: README); 9 epochs of the
-# 20,000 train scenes in batches of 64 (2,808 steps) with a cosine lr. Data loading stays in the main process: on
+# boxing the wrong object: README); the fusion's positions start small (pos_std 0.02: README); 12 epochs of the
+# 20,000 train scenes in batches of 64 (3,744 steps) with a cosine lr. Data loading stays in the main process: on
 # 2 cores a worker process only competes with the model for them.
 PRESET = dict(backbone="resnet18", resnet_stages=3, trainable_bn=True, imsize=64, hidden_dim=64, nheads=4,
               dim_feedforward=128, dropout=0.0, enc_layers=1, vl_layers=3, pos_std=0.02, max_query_len=16,
@@ -58,7 +58,7 @@ PRESET = dict(backbone="resnet18", resnet_stages=3, trainable_bn=True, imsize=64
                            "intermediate_size": 128, "max_position_embeddings": 32,
                            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
               visual_init="out/shapes_detr.pth", teacher="out/shapes_clip", cache_visual=True, augment=False,
-              epochs=9, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=64, micro_batch=64,
+              epochs=12, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=64, micro_batch=64,
               lr=2e-3, lr_text=2e-3, shapes_train_size=20000, num_workers=0, eval_batch=250, eval_every=500)
 
 # QRNet's visual branch reads the expression, so it can be neither the toy DETR nor cached: with a QRNet student

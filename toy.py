@@ -46,13 +46,13 @@ from runtime import DeviceEnv, parse_config, print0
 
 # The paper's setting in miniature: the student starts from a pretrained visual branch (the toy DETR below, frozen,
 # so its tokens are computed once per scene: CachedVisual) and learns BERT and the fusion on the grounding data. A
-# ResNet-18 to layer3 (stride 16) at a 64 px canvas gives 4 x 4 tokens; 1 encoder + 3 fusion layers of width 64; a
+# ResNet-18 to layer3 (stride 16) at a 64 px canvas gives 4 x 4 tokens; 1 encoder + 4 fusion layers of width 64; a
 # 1-layer BERT over the world's 24 words, without dropout (on 24 words dropout only slows the fusion's escape from
 # boxing the wrong object: README); the fusion's positions start small (pos_std 0.02: README); 12 epochs of the
 # 20,000 train scenes in batches of 64 (3,744 steps) with a cosine lr. Data loading stays in the main process: on
 # 2 cores a worker process only competes with the model for them.
 PRESET = dict(backbone="resnet18", resnet_stages=3, trainable_bn=True, imsize=64, hidden_dim=64, nheads=4,
-              dim_feedforward=128, dropout=0.0, enc_layers=1, vl_layers=3, pos_std=0.02, max_query_len=16,
+              dim_feedforward=128, dropout=0.0, enc_layers=1, vl_layers=4, pos_std=0.02, max_query_len=16,
               text_encoder="out/shapes_vocab", text_init="random",
               text_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                            "intermediate_size": 128, "max_position_embeddings": 32,

@@ -124,7 +124,9 @@ def test_overfitting_one_batch_drives_the_loss_down(tiny_config, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10, losses[::15]
+    # against the best a model that ignores its input can do on this batch, about: one box for all, the mean (~1.9)
+    constant, _ = total_loss(batch["target"].mean(0, keepdim=True).expand(8, -1), batch["target"])
+    assert losses[-1] < constant.item() / 5, (constant.item(), losses[::15])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_train_flags, monkeypatch):

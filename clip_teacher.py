@@ -86,11 +86,16 @@ class CLIPTeacher:
     device: where the teacher runs (the student's device). trainable: Table 5 "unfrozen".
     dtype: autocast dtype on CUDA (None = bfloat16; torch.float32 = no autocast); CPU runs in fp32.
     text_cache_size: >0 keeps that many text embeddings (frozen only), keyed on the exact string.
+    init: "pretrained" (the weights at name_or_path) or "random": the same architecture and tokenizer at CLIP's own
+    initialisation (seed 0), the control that tells what the teacher knows from what any target of its shape does.
     """
 
     def __init__(self, name_or_path: str = DEFAULT_TEACHER, *, device: torch.device | str,
-                 trainable: bool = False, dtype: torch.dtype | None = None, text_cache_size: int = 0) -> None:
-        self.name, self.device, self.trainable = name_or_path, torch.device(device), trainable
+                 trainable: bool = False, dtype: torch.dtype | None = None, text_cache_size: int = 0,
+                 init: str = "pretrained") -> None:
+        self.name, self.device, self.trainable, self.init = name_or_path, torch.device(device), trainable, init
+        if init not in ("pretrained", "random"):
+            raise ValueError(f"CLIPTeacher: init must be 'pretrained' or 'random', got {init!r}")
         if self.device.type == "cuda":
             self.amp_dtype = None if dtype == torch.float32 else (dtype or torch.bfloat16)
         elif dtype not in (None, torch.float32):
@@ -104,7 +109,13 @@ class CLIPTeacher:
         try:
             # fp32 weights whatever the checkpoint stores: autocast gives bf16 speed, fp32 keeps LayerNorm
             # and (when trainable) the optimizer's updates exact.
-            self.model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32).to(self.device)
+            if init == "pretrained":
+                self.model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
+            else:  # the control "a teacher that knows nothing": CLIP's architecture at its initialisation, the same
+                with torch.random.fork_rng(devices=[]):  # draw for every run, and the caller's RNG left untouched
+                    torch.manual_seed(0)
+                    self.model = CLIPModel(CLIPConfig.from_pretrained(name_or_path)).float()
+            self.model = self.model.to(self.device)
             self.tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
         except Exception as e:  # missing, offline, corrupt: re-raised with the name, the cause chained
             raise OSError(
@@ -160,7 +171,13 @@ class CLIPTeacher:
 
     @cached_property
     def weights_sha256(self) -> str:
-        """sha256 over the weight file(s) in name order: the teacher's identity, for checkpoints."""
+        """sha256 over the weight file(s) in name order: the teacher's identity, for checkpoints. An untrained
+        teacher (init random) has no file of its weights: then over its tensors, in name order."""
+        if self.init == "random":
+            digest = hashlib.sha256()
+            for _, t in sorted(self.model.state_dict().items()):
+                digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            return digest.hexdigest()
         folder = Path(self.name)
         if not folder.is_dir():  # a hub name: the snapshot folder in the HF cache that from_pretrained used
             folder = Path(cached_file(self.name, "config.json")).parent

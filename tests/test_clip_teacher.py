@@ -304,3 +304,23 @@ def test_word_tokenizer_spells_given_words_as_single_tokens(tmp_path):
                                                           "t", "h", "e</w>", "left</w>"]
     assert tok.eos_token_id == len(tok) - 1  # specials last, as in OpenAI's vocabulary
     assert CLIPTokenizer.from_pretrained(tmp_path).tokenize("circles") == ["circl", "e", "s</w>"]
+
+
+def test_an_untrained_teacher_has_the_same_architecture_and_no_knowledge(tmp_path):
+    """--teacher_init random: the control "a teacher that knows nothing". Same config and tokenizer, CLIP's own
+    initialisation with a fixed seed (the same draw for every run), and the caller's RNG is left where it was."""
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+    torch.manual_seed(1)  # stands for the trained weights: any draw but the control's own
+    save_random_clip(tmp_path, ["red", "the", "circle"], projection_dim=64, text=tower,
+                     vision={"image_size": IMAGE_SIZE, "patch_size": 8, **tower})
+    clip_dir, teacher = str(tmp_path), CLIPTeacher(str(tmp_path), device="cpu")
+    before = torch.get_rng_state()
+    a, b = (CLIPTeacher(clip_dir, device="cpu", init="random") for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), before)
+    trained = dict(teacher.model.named_parameters())
+    for name, p in a.model.named_parameters():
+        assert p.shape == trained[name].shape and torch.equal(p, dict(b.model.named_parameters())[name])
+    assert a.weights_sha256 == b.weights_sha256 != teacher.weights_sha256
+    assert not torch.allclose(a.encode_text(["the red circle"]), teacher.encode_text(["the red circle"]))
+    with pytest.raises(ValueError, match="init"):
+        CLIPTeacher(clip_dir, device="cpu", init="imagenet")

@@ -84,13 +84,15 @@ class DataConfig:
     shapes_train_size: int = 0  # shapes: generated training scenes (0 = shapes.py's default)
     shapes_eval_size: int = 0  # shapes: scenes per val/test split (0 = shapes.py's default)
     shapes_image_size: int = 128  # shapes: long side of the generated images, pixels
+    shapes_rare_keep: float = shapes.RARE_KEEP  # shapes: how often the train split may say a rare word (1 = as val)
     blind_text: bool = False  # the text-blind baseline: every expression becomes "" after the transform
 
     def __post_init__(self) -> None:
         check_fields(self, [("dataset", self.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),
                             ("shapes_train_size", self.shapes_train_size >= 0, ">= 0 (0 = the default)"),
                             ("shapes_eval_size", self.shapes_eval_size >= 0, ">= 0 (0 = the default)"),
-                            ("shapes_image_size", self.shapes_image_size >= 32, ">= 32 pixels")])
+                            ("shapes_image_size", self.shapes_image_size >= 32, ">= 32 pixels"),
+                            ("shapes_rare_keep", 0 <= self.shapes_rare_keep <= 1, "in [0, 1]")])
 
 
 # -----------------------------------------------------------------------------
@@ -153,11 +155,16 @@ class GroundingDataset(torch.utils.data.Dataset):
     """Shared __getitem__: subclasses give __len__ and load(i) -> (uint8 (3,H,W), box (4,) xyxy, text)."""
 
     skipped = 0  # invalid entries left out (--drop_invalid)
+    slices: tuple[str, ...] = ()  # names of the parts evaluate() also scores apart; slice_of(i) indexes them
     blind_text = False  # DataConfig.blind_text: the model sees the image (and its augmentation) but no word
 
     def __init__(self, name: str, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int):
         self.name, self.split, self.train, self.imsize = name, split, train, imsize
         self.encoder = make_encoder(tokenizer, max_query_len)
+
+    def slice_of(self, i: int) -> int:
+        """Which of self.slices sample i belongs to (only called when there are slices)."""
+        raise NotImplementedError
 
     def original_image(self, i: int) -> torch.Tensor:
         """The untransformed image of sample i, uint8 (3,H,W)."""
@@ -302,12 +309,15 @@ def write_shapes_vocab(directory: str) -> str:
 
 class ShapesWorld(GroundingDataset):
     """shapes.py's synthetic referring-expression world as a dataset: sample i of a split is
-    shapes.scene(seed, split, i, image_size), drawn and put through the same transforms as a real image."""
+    shapes.scene(seed, split, i, image_size), drawn and put through the same transforms as a real image. Its
+    slices: expressions with a word that the grounding data say rarely (shapes.RARE_WORDS), and the others."""
+
+    slices = ("frequent", "rare")
 
     def __init__(self, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int, seed: int = 0,
-                 size: int | None = None, image_size: int = 128):
+                 size: int | None = None, image_size: int = 128, rare_keep: float = shapes.RARE_KEEP):
         super().__init__("shapes", split, tokenizer, train=train, imsize=imsize, max_query_len=max_query_len)
-        self.seed, self.image_size = seed, image_size
+        self.seed, self.image_size, self.rare_keep = seed, image_size, rare_keep
         self.size = shapes.SPLITS[split][1] if size is None else size
 
     def __len__(self) -> int:
@@ -316,7 +326,10 @@ class ShapesWorld(GroundingDataset):
     def scene(self, i: int) -> dict:
         if not 0 <= i < self.size:
             raise IndexError(f"shapes {self.split}: index {i} outside [0, {self.size})")
-        return shapes.scene(self.seed, self.split, i, self.image_size)
+        return shapes.scene(self.seed, self.split, i, self.image_size, self.rare_keep)
+
+    def slice_of(self, i: int) -> int:
+        return int(shapes.says_rare(self.scene(i)["text"]))
 
     def load(self, i: int):
         sc = self.scene(i)
@@ -327,15 +340,15 @@ class ShapesWorld(GroundingDataset):
             return super().transformed(i)
         if not 0 <= i < self.size:
             raise IndexError(f"shapes {self.split}: index {i} outside [0, {self.size})")
-        return dict(_unaugmented(self.seed, self.split, i, self.image_size, self.imsize))  # dict(): a copy
+        return dict(_unaugmented(self.seed, self.split, i, self.image_size, self.imsize, self.rare_keep))  # a copy
 
 
 @functools.lru_cache(maxsize=32768)
-def _unaugmented(seed: int, split: str, i: int, image_size: int, imsize: int) -> dict:
+def _unaugmented(seed: int, split: str, i: int, image_size: int, imsize: int, rare_keep: float) -> dict:
     """An unaugmented scene's sample never changes, so it is drawn once per process. The synthetic world's preset
     reads its train scenes in three stages (toy CLIP, toy DETR, train.py's token cache): 20,000 at 64 px keep ~1 GB
     and save ~1.7 ms a read."""
-    sc = shapes.scene(seed, split, i, image_size)
+    sc = shapes.scene(seed, split, i, image_size, rare_keep)
     box = torch.tensor(sc["objects"][0]["box"], dtype=torch.float32)
     return transform_sample(shapes.draw(sc), box, sc["text"].lower(), train=False, imsize=imsize)
 
@@ -352,7 +365,8 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer, *, train: bool, imsize:
     common = dict(train=train, imsize=imsize, max_query_len=max_query_len)
     if name == "shapes":
         size = (cfg.shapes_train_size if split == "train" else cfg.shapes_eval_size) or None
-        ds = ShapesWorld(split, tokenizer, size=size, image_size=cfg.shapes_image_size, **common)
+        ds = ShapesWorld(split, tokenizer, size=size, image_size=cfg.shapes_image_size,
+                         rare_keep=cfg.shapes_rare_keep, **common)
     else:
         ds = TransVGSplits(name, split, tokenizer, split_root=cfg.split_root, data_root=cfg.data_root,
                            drop_invalid=cfg.drop_invalid, **common)

@@ -69,7 +69,8 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
              num_workers: int = 0, keep_records: bool = False, dtype: str = "auto") -> tuple[dict[str, float], list]:
     """Accuracy of model on dataset. Each rank takes indices rank, rank + W, ... (no padding, unlike
     DistributedSampler), and the hit counts are all-reduced, so the result is exact for any world size.
-    Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample."""
+    Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample.
+    A dataset with slices (data.ShapesWorld: rare and frequent words) is also scored per slice: metrics["slices"]."""
     ddp = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world))
@@ -80,14 +81,19 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
     imsize = getattr(raw, "_orig_mod", raw).cfg.imsize
     was_training = model.training
     model.eval()
-    counts, records = torch.zeros(4, dtype=torch.float64), []
+    slices = getattr(dataset, "slices", ())
+    counts, records = torch.zeros(1 + len(slices), 4, dtype=torch.float64), []  # row 0: all; row 1 + s: slice s
     for batch in loader:
         with autocast_for(device, dtype):
             out = model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
                         batch["input_ids"].to(device), batch["attention_mask"].to(device))
         pred = predicted_xyxy(out["pred_boxes"].float().cpu(), imsize, batch["scale"], batch["pad_offset"])
         iou = paired_iou_xyxy(pred, batch["gt_xyxy"])
-        counts += hit_counts(iou)
+        counts[0] += hit_counts(iou)
+        if slices:
+            of = torch.tensor([dataset.slice_of(int(i)) for i in batch["index"]])
+            for s in range(len(slices)):
+                counts[1 + s] += hit_counts(iou[of == s])
         if keep_records:
             records += [(int(i), float(v), p.tolist()) for i, v, p in zip(batch["index"], iou, pred)]
     model.train(was_training)
@@ -100,7 +106,10 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
             gathered = [None] * world
             dist.all_gather_object(gathered, records)
             records = sorted(r for part in gathered for r in part)
-    return summarise(counts), records
+    metrics = summarise(counts[0])
+    if slices:
+        metrics["slices"] = {name: summarise(counts[1 + s]) for s, name in enumerate(slices)}
+    return metrics, records
 
 
 # -----------------------------------------------------------------------------
@@ -178,6 +187,8 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     for split, m in results.items():
         skipped = f"   ({m['skipped']} invalid entries skipped, not counted)" if m.get("skipped") else ""
         print0(f"{split:<10} {m['n']:>7} {m['acc@0.5']:>8.2f} {m['acc@0.75']:>9.2f} {m['miou']:>7.3f}{skipped}")
+        for name, s in m.get("slices", {}).items():
+            print0(f"{'  ' + name:<10} {s['n']:>7} {s['acc@0.5']:>8.2f} {s['acc@0.75']:>9.2f} {s['miou']:>7.3f}")
 
 
 def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:

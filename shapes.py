@@ -30,7 +30,15 @@ _RELATIONS = (("to the left of", 0, 1), ("to the right of", 0, -1), ("above", 1,
 WORDS = (  # every word an expression can use: the tiny BERT's vocabulary
     "the", *SIZES, *COLOURS, *SHAPE_NAMES, "shape", "on", "at", "left", "right", "top", "bottom",
     "leftmost", "rightmost", "to", "of", "above", "below")
-SPLITS = {"train": (1, 20000), "val": (2, 1000), "test": (3, 1000)}  # (seed stream, default size)
+# (seed stream, default size). "captions" is not a grounding split: it is the toy CLIP's pretraining data, scenes
+# with an expression for a uniformly drawn object and every word at its natural frequency (CLIP's web pairs).
+SPLITS = {"train": (1, 20000), "val": (2, 1000), "test": (3, 1000), "captions": (4, 200000)}
+# The paper's data regime in miniature: words that are common in the teacher's captions but rare in the grounding
+# data. In the train split an expression that says one of them is kept with probability RARE_KEEP (otherwise the
+# scene is described without them, or redrawn); val and test keep the natural mix, so that their rare slice
+# measures what the grounding data under-teach.
+RARE_WORDS = ("purple", "yellow")
+RARE_KEEP = 0.05
 
 
 @functools.cache
@@ -89,15 +97,22 @@ def _expressions(objects: list[dict], h: int, w: int) -> dict[str, list[str]]:
     return {k: v for k, v in out.items() if v}
 
 
-def scene(seed: int, split: str, i: int, image_size: int) -> dict:
+def says_rare(text: str) -> bool:
+    """Whether an expression uses one of RARE_WORDS (its slice in val and test: "rare", else "frequent")."""
+    return any(word in RARE_WORDS for word in text.split())
+
+
+def scene(seed: int, split: str, i: int, image_size: int, rare_keep: float = RARE_KEEP) -> dict:
     """height, width, background (r, g, b), objects (dicts: size, colour, shape, side, xy, box = tight
-    xyxy pixels; the target first) and the expression."""
+    xyxy pixels; the target first) and the expression. rare_keep: RARE_KEEP for the train split (1 = natural)."""
     rng = random.Random((seed * 4 + SPLITS[split][0]) << 32 | i)
-    while True:  # redrawn (rarely) when nothing singles the target out, e.g. twins side by side
+    while True:  # redrawn when nothing singles the target out (e.g. twins side by side), or only rare words do
         long, short = image_size, round(image_size * rng.choice((1.0, 0.875, 0.75, 0.625)))
         h, w = (long, short) if rng.random() < 0.5 else (short, long)
         objects = _place(rng, h, w)
         exprs = _expressions(objects, h, w)
+        if split == "train" and rng.random() >= rare_keep:  # this scene is described without the rare words
+            exprs = {k: kept for k, v in exprs.items() if (kept := [t for t in v if not says_rare(t)])}
         if exprs:
             text = rng.choice(exprs[rng.choice(sorted(exprs))])  # kind first, so that each kind is common
             background = tuple(rng.randint(100, 200) for _ in range(3))

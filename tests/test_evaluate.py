@@ -44,6 +44,30 @@ def test_canvas_boxes_map_back_to_original_pixels(tmp_path):
     assert (canvas[:, 0] <= 0).all() and (canvas[:, 2] >= w - 1e-3).all() and (canvas[:, 3] >= h - 1e-3).all()
 
 
+def test_a_dataset_with_slices_is_also_scored_per_slice(tmp_path, tiny_config):
+    """The synthetic world's rare and frequent slices: each scored like the whole on its own samples, and together
+    they are the whole."""
+    data.write_shapes_vocab(str(tmp_path / "v"))
+    tok = data.load_tokenizer(str(tmp_path / "v"))
+    world = data.ShapesWorld("val", tok, train=False, imsize=64, max_query_len=8, size=24, image_size=64)
+    from model import GroundingModel
+    torch.manual_seed(0)
+    model = GroundingModel(tiny_config(text_config={**data_bert(tok)}))
+    metrics, records = evaluate.evaluate(model, world, torch.device("cpu"), batch_size=5, keep_records=True)
+    rare = [world.slice_of(i) for i, _, _ in records]
+    assert set(metrics["slices"]) == {"frequent", "rare"} and 0 < sum(rare) < 24
+    for s, name in enumerate(world.slices):
+        ious = torch.tensor([iou for (i, iou, _), r in zip(records, rare) if r == s])
+        assert metrics["slices"][name] == evaluate.summarise(evaluate.hit_counts(ious))
+    assert sum(m["n"] for m in metrics["slices"].values()) == metrics["n"] == 24
+    assert sum(m["miou"] * m["n"] for m in metrics["slices"].values()) == pytest.approx(metrics["miou"] * 24)
+
+
+def data_bert(tok):
+    return {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "intermediate_size": 32, "max_position_embeddings": 32}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_train_flags):
     out = tmp_path_factory.mktemp("run")

@@ -97,6 +97,45 @@ def test_no_rule_that_ignores_the_words_finds_the_target():
     assert hit < chance + 0.05 * 600, (hit / 6, chance / 6)  # in %: 36.3 against 36.1 when written
 
 
+def test_rare_words_are_rare_in_the_grounding_split_only(shapes_tok):
+    """The paper's data regime: the train split says shapes.RARE_WORDS about RARE_KEEP as often as val, test and the
+    teacher's captions do (1.2 % of 3,000 train expressions against 21 % of val's and 22 % of the captions' when
+    written), and the evaluation's rare slice is those expressions."""
+    def rare_share(split):
+        return sum(shapes.says_rare(shapes.scene(0, split, i, 128)["text"]) for i in range(1500)) / 1500
+
+    train, val, captions = rare_share("train"), rare_share("val"), rare_share("captions")
+    assert 0.15 < val < 0.3 and 0.15 < captions < 0.3  # one colour of five each, said in about half the expressions
+    assert 0 < train < 2 * shapes.RARE_KEEP * val
+    assert shapes.says_rare("the square to the left of the purple circle") and not shapes.says_rare("the red shape")
+    world = data.ShapesWorld("val", shapes_tok, train=False, imsize=S, max_query_len=20, size=40)
+    assert [world.slice_of(i) for i in range(40)] == [int(shapes.says_rare(world.scene(i)["text"])) for i in range(40)]
+    assert world.slices[1] == "rare" and 0 < sum(world.slice_of(i) for i in range(40)) < 40
+
+
+def test_without_the_words_nothing_beats_a_random_object_on_val():
+    """The text-blind Bayes limit of the world as evaluated: on val the target is a uniform draw among the objects,
+    so a model that boxes a random object perfectly scores E[1/n] (35.6 % when written), and no text-free rule does
+    better: not the biggest object, not the most central one, not "never a rare colour" (the train split says the
+    rare colours rarely, which a text-blind model could learn; val does not reward it)."""
+    def rule(objs, score):  # credit of picking uniformly among the best-scoring objects
+        best = max(score(o) for o in objs)
+        ties = [k for k, o in enumerate(objs) if score(o) == best]
+        return (0 in ties) / len(ties)
+
+    n, chance, hits = 1500, 0.0, {"biggest": 0.0, "central": 0.0, "not rare": 0.0}
+    for i in range(n):
+        sc = shapes.scene(0, "val", i, 128)
+        objs, h, w = sc["objects"], sc["height"], sc["width"]
+        chance += 1 / len(objs)
+        hits["biggest"] += rule(objs, lambda o: o["side"])
+        hits["central"] += rule(objs, lambda o: -abs(o["box"][0] + o["box"][2] - w) - abs(o["box"][1] + o["box"][3] - h))
+        hits["not rare"] += rule(objs, lambda o: o["colour"] not in shapes.RARE_WORDS)
+    assert 0.32 < chance / n < 0.39
+    for name, hit in hits.items():
+        assert hit / n < chance / n + 0.03, (name, hit / n, chance / n)
+
+
 def test_sayable_knows_which_scenes_an_expression_fits():
     sc = shapes.scene(0, "val", 0, 128)
     assert sc["text"] in shapes.sayable(sc)

@@ -76,10 +76,11 @@ class TrainConfig:
     alpha: float = 1.5  # weight of the image term
     beta: float = 2.0  # weight of the text term
     teacher: str = "openai/clip-vit-base-patch16"  # CLIP hub name or local directory
+    teacher_init: str = "pretrained"  # pretrained, or random: the teacher's architecture untrained (the control)
     teacher_trainable: bool = False  # Table 5 "unfrozen": CLIP trains at lr_visual with the distillation grads
     teacher_text_cache: int = 0  # frozen teacher: keep this many text embeddings, keyed on the exact expression
-    toy_teacher_steps: int = 300  # shapes: training steps of the toy CLIP that is built when --teacher is missing
-    toy_detr_steps: int = 600  # shapes: training steps of the toy DETR that is built when --visual_init is missing
+    toy_teacher_steps: int = toy.ToyCLIPConfig.steps  # shapes: training steps of the toy CLIP that is built when --teacher is missing
+    toy_detr_steps: int = toy.ToyDETRConfig.steps  # shapes: training steps of the toy DETR that is built when --visual_init is missing
     cache_visual: bool = False  # freeze the visual branch; its tokens (and the teacher's targets) once per sample
     checkpoint_dir: str = "checkpoints"  # where visual_init=detr / mask_rcnn finds detr-r50-unc.pth, unc_latest.pth..
     out_dir: str = ""  # default out/<dataset> (out/<dataset>_2, _3, ... when that holds an earlier run)
@@ -113,6 +114,7 @@ class TrainConfig:
             ("distill", self.distill in ("cos", "l1", "none"), "cos, l1 or none"),
             ("distill_modality", self.distill_modality in ("both", "image", "text"), "both, image or text"),
             ("distill_loc", self.distill_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
+            ("teacher_init", self.teacher_init in ("pretrained", "random"), "pretrained or random"),
             ("teacher_text_cache", not (self.teacher_text_cache and self.teacher_trainable),
              "0 with --teacher_trainable (the cache would go stale)"),
             ("dtype", self.dtype in runtime.DTYPE_NAMES, "auto, float32, bfloat16 or float16"),
@@ -377,7 +379,7 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     if cfg.distill != "none":
         teacher = CLIPTeacher(cfg.teacher, device=env.device, trainable=cfg.teacher_trainable,
                               dtype=runtime.amp_dtype(env.device, cfg.dtype) or torch.float32,
-                              text_cache_size=cfg.teacher_text_cache)
+                              text_cache_size=cfg.teacher_text_cache, init=cfg.teacher_init)
     cv, ct = model.distill_widths(cfg.distill_loc)  # the teacher runs only the towers the modality needs
     widths = (cv if cfg.distill_modality != "text" else None, ct if cfg.distill_modality != "image" else None)
     optimizer = torch.optim.AdamW(param_groups(model, teacher, cfg), weight_decay=cfg.weight_decay,
@@ -436,7 +438,8 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
                     best = metrics["acc@0.5"]
                     save("best.pt", step, best)
                 print0(f"step {step}: {cfg.eval_split} Acc@0.5 {metrics['acc@0.5']:.2f} (best {best:.2f}), "
-                       f"Acc@0.75 {metrics['acc@0.75']:.2f}, mIoU {metrics['miou']:.3f}")
+                       f"Acc@0.75 {metrics['acc@0.75']:.2f}, mIoU {metrics['miou']:.3f}" +
+                       "".join(f"; {name} Acc@0.5 {m['acc@0.5']:.2f}" for name, m in metrics.get("slices", {}).items()))
                 metrics = {**metrics, "step": step}
         bar.close()
         save("last.pt", step, best)

@@ -64,6 +64,16 @@ def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, 
 # evaluation loop
 
 
+def shard_loader(dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int, num_workers: int
+                 ) -> DataLoader:
+    """This rank's share of dataset, in order: indices rank, rank + W, ... (no padding, unlike DistributedSampler)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    # its own generator: otherwise the loader draws a seed from the global RNG and shifts training's dropout stream
+    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 32,
              num_workers: int = 0, keep_records: bool = False, dtype: str = "auto") -> tuple[dict[str, float], list]:
@@ -71,11 +81,8 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
     DistributedSampler), and the hit counts are all-reduced, so the result is exact for any world size.
     Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample."""
     ddp = dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    shard = Subset(dataset, range(rank, len(dataset), world))
-    # its own generator: otherwise the loader draws a seed from the global RNG and shifts training's dropout stream
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    world = dist.get_world_size() if ddp else 1
+    loader = shard_loader(dataset, device, batch_size, num_workers)
     raw = getattr(model, "module", model)  # under DDP, the wrapped model holds the config
     imsize = getattr(raw, "_orig_mod", raw).cfg.imsize
     was_training = model.training

@@ -1,5 +1,5 @@
 """evaluate.py: metrics on hand-made boxes, the canvas -> original-pixel mapping, the CLI (table, JSON, pictures,
-single-image prediction); gap.py's modality-gap measures on hand-made features.
+single-image prediction); gap.py's modality-gap measures on hand-made features, and evaluate.py --modality_gap.
 
 Run: python -m pytest -q tests/test_evaluate.py
 """
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from torchvision.io import decode_png, read_file, write_png
+from torchvision.io import decode_png, read_file, read_image, write_png
 
 import data
 import evaluate
@@ -111,6 +111,9 @@ def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
     (["--image=photo.png", "--text=\U0001f600 \u200b!!"], "an expression with a word in it"),  # emoji, control, punctuation
     (["--json=/nonexistent/dir/x.json"], "a file in an existing folder you can write to, got '/nonexistent"),
     (["--dataset=refcocoo"], "--dataset: expected one of refcoco"),
+    (["--modality_gap", "--gap_loc=loc5"], "--gap_loc: expected loc1, loc2, loc3 or loc4, got 'loc5'"),
+    (["--modality_gap", "--vis=2"], "--modality_gap: expected no --image or --vis with it"),
+    (["--modality_gap", "--image=photo.png", "--text=a cat"], "--modality_gap: expected no --image or --vis"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_loaded(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -148,7 +151,7 @@ def test_drop_invalid_skips_bad_entries_and_the_table_counts_them(checkpoint, tm
 
 
 # -----------------------------------------------------------------------------
-# the modality gap (gap.py) on hand-made features
+# the modality gap (gap.py) on hand-made features, and evaluate.py --modality_gap
 
 
 def test_centroid_gap_by_hand():
@@ -212,3 +215,34 @@ def test_gap_picture_draws_both_modalities_in_their_colours():
     plot = picture[:, 25:-1, 1:-1].reshape(3, -1).T  # inside the frame, below the legend bar: (pixels, 3)
     for rgb in (gap.VISUAL_RGB, gap.TEXT_RGB):
         assert (plot == torch.tensor(rgb, dtype=torch.uint8)).all(1).sum() >= 25  # a 5x5 dot's worth at least
+
+
+def test_modality_gap_command_writes_picture_and_numbers(checkpoint, capsys):
+    results = evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", "--num_workers=0", "--split=val",
+                             "--modality_gap"])
+    assert list(results) == ["val"]
+    m = results["val"]
+    assert m["n"] == 9 and 0 <= m["centroid_gap"] <= 2 and 50 <= m["probe_acc"] <= 100
+    assert -1 <= m["matched_cos"] <= 1 and -1 <= m["mismatched_cos"] <= 1
+    saved = json.loads((checkpoint.parent / "gap_val_loc1.json").read_text())
+    assert saved["measures"] == m and saved["split"] == "val" and saved["loc"] == "loc1"
+    picture = read_image(str(checkpoint.parent / "gap_val_loc1.png"))
+    assert picture.shape == (3, 504, 480)
+    out = capsys.readouterr().out
+    assert "centroid gap" in out and f"{m['probe_acc']:.2f}" in out and "gap_val_loc1.png" in out
+    # the numbers are those of the features the model gives at loc1, measured by gap.py
+    model = evaluate.load_model(str(checkpoint))
+    dcfg = evaluate.run_data_config(evaluate.read_checkpoint(str(checkpoint)), evaluate.EvalConfig())
+    world = data.make_dataset(dcfg, "val", data.load_tokenizer(str(checkpoint.parent / "vocab")), train=False,
+                              imsize=64, max_query_len=16)
+    visual, text = evaluate.collect_features(model, world, torch.device("cpu"), "loc1")
+    assert visual.shape == text.shape == (9, 32)
+    assert gap.gap_measures(visual, text) == pytest.approx(m)
+
+
+def test_modality_gap_refuses_a_location_whose_widths_differ_before_writing(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="--gap_loc loc3: this checkpoint's visual features there are 32 wide and its "
+                                         "text features 64"):
+        evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", "--modality_gap", "--gap_loc=loc3",
+                       f"--out_dir={tmp_path}"])
+    assert list(tmp_path.iterdir()) == []

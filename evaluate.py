@@ -4,6 +4,7 @@
     python evaluate.py --ckpt TransVG_unc.pth --dataset refcoco --tokenizer /path/to/bert-base-uncased
     python evaluate.py --ckpt out/shapes/best.pt --vis 8 --worst      # PNGs of the 8 worst predictions
     python evaluate.py --ckpt out/shapes/best.pt --image photo.jpg --text "the man on the left"
+    python evaluate.py --ckpt out/shapes/best.pt --modality_gap --split val    # Figure 2, measured (gap.py)
     torchrun --nproc_per_node=8 evaluate.py --ckpt ...                # same numbers, exact counts
 
 Metric (paper sec. 4.1, TransVG's eval): a prediction is correct when its IoU with the ground truth is >= 0.5.
@@ -14,10 +15,17 @@ We also report Acc@0.75 and the mean IoU.
 Layers (house rule R16): hit_counts/summarise are pure; evaluate(model, dataset) shards the split over ranks
 without padding and all-reduces the counts, so the numbers are exact for any world size; main() is the CLI.
 train.py calls the same evaluate().
+
+--modality_gap measures, instead of accuracy, how far apart the student's visual and text features lie (the paper's
+Figure 2; the measures and the picture are gap.py's): it prints the numbers per split and writes
+<checkpoint folder>/gap_<split>_<loc>.png and .json (or into --out_dir).
 """
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +36,12 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
 import data
+import gap
 import transforms
 from interop import load_model
 from losses import paired_iou_xyxy
 from model import GroundingModel, read_checkpoint
-from runtime import autocast_for, check_fields, parse_config, print0, setup_device
+from runtime import DeviceEnv, autocast_for, check_fields, parse_config, print0, setup_device
 
 # -----------------------------------------------------------------------------
 # metrics (pure)
@@ -64,6 +73,16 @@ def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, 
 # evaluation loop
 
 
+def shard_loader(dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int, num_workers: int
+                 ) -> DataLoader:
+    """This rank's share of dataset, in order: indices rank, rank + W, ... (no padding, unlike DistributedSampler)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    # its own generator: otherwise the loader draws a seed from the global RNG and shifts training's dropout stream
+    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 32,
              num_workers: int = 0, keep_records: bool = False, dtype: str = "auto") -> tuple[dict[str, float], list]:
@@ -72,11 +91,8 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
     Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample.
     A dataset with slices (data.ShapesWorld: rare and frequent words) is also scored per slice: metrics["slices"]."""
     ddp = dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    shard = Subset(dataset, range(rank, len(dataset), world))
-    # its own generator: otherwise the loader draws a seed from the global RNG and shifts training's dropout stream
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    world = dist.get_world_size() if ddp else 1
+    loader = shard_loader(dataset, device, batch_size, num_workers)
     raw = getattr(model, "module", model)  # under DDP, the wrapped model holds the config
     imsize = getattr(raw, "_orig_mod", raw).cfg.imsize
     was_training = model.training
@@ -112,6 +128,35 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
     return metrics, records
 
 
+@torch.no_grad()
+def collect_features(model: GroundingModel, dataset: torch.utils.data.Dataset, device: torch.device, loc: str,
+                     batch_size: int = 32, num_workers: int = 0, dtype: str = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's features at distillation location loc (model.forward's out["distill"][loc]) for every sample,
+    in dataset order: visual (N,Cv), text (N,Ct), fp32 on the CPU. Sharded like evaluate(); every rank gets all."""
+    was_training = model.training
+    model.eval()
+    cv, ct = model.distill_widths(loc)
+    # starting empty, so that a rank with no samples (a split smaller than the world) still has rows to gather
+    index, visual, text = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, cv)], [torch.zeros(0, ct)]
+    for batch in shard_loader(dataset, device, batch_size, num_workers):
+        with autocast_for(device, dtype):
+            out = model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
+                        batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        v, t = out["distill"][loc]  # (B,Cv), (B,Ct)
+        index.append(batch["index"])
+        visual.append(v.float().cpu())
+        text.append(t.float().cpu())
+    model.train(was_training)
+    parts = [(torch.cat(index), torch.cat(visual), torch.cat(text))]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (torch.cat(index), torch.cat(visual), torch.cat(text)))
+    index, visual, text = (torch.cat(x) for x in zip(*parts))
+    order = index.argsort()
+    return visual[order], text[order]
+
+
 # -----------------------------------------------------------------------------
 # pictures
 
@@ -131,6 +176,20 @@ def draw_prediction(image: torch.Tensor, gt_xyxy: list[float] | None, pred_xyxy:
     boxes.append([1, h + 1, w - 1, h + 23])  # a frame around the bar, to carry the caption as its label
     return draw_bounding_boxes(picture, torch.tensor(boxes, dtype=torch.float32), labels=[*labels, caption],
                                colors=[*colors, "white"], width=max(2, round(max(h, w) / 200)))
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) into a temp file next to path, then os.replace it onto path: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def save_pictures(dataset, records: list, out_dir: str, n: int, worst: bool, prefix: str) -> list[str]:
@@ -166,10 +225,12 @@ class EvalConfig:
     json: str = ""  # also write the numbers to this file
     vis: int = 0  # save this many pictures per split (green = ground truth, yellow = prediction)
     worst: bool = False  # pictures of the lowest-IoU predictions instead of the first ones
-    out_dir: str = ""  # where pictures go; default: <checkpoint folder>/vis
+    out_dir: str = ""  # where pictures go; default: <checkpoint folder>/vis (--modality_gap: <checkpoint folder>)
     drop_invalid: bool = False  # skip split entries with no expression or a zero-area box (the table counts them)
     image: str = ""  # predict on this image instead of a dataset (needs --text)
     text: str = ""  # the referring expression for --image
+    modality_gap: bool = False  # instead of accuracy: the gap between the student's visual and text features (Fig. 2)
+    gap_loc: str = "loc1"  # where --modality_gap reads them: loc1 (fused tokens, the distilled ones), loc2 .. loc4
 
     def __post_init__(self) -> None:  # refused before the checkpoint is read, not after a whole evaluation
         check_fields(self, [
@@ -178,6 +239,9 @@ class EvalConfig:
             ("dataset", not self.dataset or self.dataset in data.DATASETS, f"one of {', '.join(data.DATASETS)}"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("num_workers", self.num_workers >= 0, ">= 0"),
             ("vis", self.vis >= 0, ">= 0"),
+            ("gap_loc", self.gap_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
+            ("modality_gap", not (self.modality_gap and (self.image or self.vis)),
+             "no --image or --vis with it (they belong to the accuracy table)"),
             ("json", not self.json or os.access(os.path.dirname(os.path.abspath(self.json)), os.W_OK),
              "a file in an existing folder you can write to")])
 
@@ -189,6 +253,44 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
         print0(f"{split:<10} {m['n']:>7} {m['acc@0.5']:>8.2f} {m['acc@0.75']:>9.2f} {m['miou']:>7.3f}{skipped}")
         for name, s in m.get("slices", {}).items():
             print0(f"{'  ' + name:<10} {s['n']:>7} {s['acc@0.5']:>8.2f} {s['acc@0.75']:>9.2f} {s['miou']:>7.3f}")
+
+
+GAP_LEGEND = "\n".join([  # printed under the table
+    "  centroid gap: distance between the mean unit-length visual and text features (0 = one centre, 2 = opposite)",
+    "  matched cos: mean cosine of each sample's own (visual, text) pair; mismatched cos: of other samples' pairs",
+    "  probe %: held-out accuracy of a linear classifier telling visual from text (50 = overlap, 100 = separable)"])
+
+
+def print_gap_table(results: dict[str, dict[str, float]], loc: str) -> None:
+    print0(f"modality gap between the student's visual and text features at {loc}")
+    print0(f"{'split':<10} {'n':>7} {'centroid gap':>13} {'matched cos':>12} {'mismatched cos':>15} {'probe %':>8}")
+    for split, m in results.items():
+        print0(f"{split:<10} {m['n']:>7} {m['centroid_gap']:>13.4f} {m['matched_cos']:>12.4f} "
+               f"{m['mismatched_cos']:>15.4f} {m['probe_acc']:>8.2f}")
+    print0(GAP_LEGEND)
+
+
+def measure_gap(model: GroundingModel, dataset, env: DeviceEnv, cfg: EvalConfig, name: str, split: str,
+                folder: str) -> dict[str, float]:
+    """gap.gap_measures of the student's features at cfg.gap_loc over dataset; the master writes
+    folder/gap_<split>_<loc>.png (one PCA of both modalities) and .json ({ckpt, dataset, split, loc, measures})."""
+    visual, text = collect_features(model, dataset, env.device, cfg.gap_loc, cfg.batch_size, cfg.num_workers,
+                                    cfg.dtype)
+    m = gap.gap_measures(visual, text)
+    if env.is_master:
+        stem = os.path.join(folder, f"gap_{split}_{cfg.gap_loc}")
+        caption = (f"{split} {cfg.gap_loc}: gap {m['centroid_gap']:.2f}  cos {m['matched_cos']:.2f}/"
+                   f"{m['mismatched_cos']:.2f}  probe {m['probe_acc']:.0f}%  n {m['n']}")
+        write_atomic(stem + ".png", lambda tmp: write_png(gap.gap_picture(visual, text, caption), tmp))
+        saved = {"ckpt": cfg.ckpt, "dataset": name, "split": split, "loc": cfg.gap_loc, "measures": m}
+
+        def write_json(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(saved, f, indent=1)
+
+        write_atomic(stem + ".json", write_json)
+        print0(f"{split}: {stem}.png (PCA of both; visual blue, text orange) and {stem}.json")
+    return m
 
 
 def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
@@ -252,10 +354,24 @@ def main(argv: list[str] | None = None) -> dict:
         name = dcfg.dataset
         if name not in data.DATASETS:
             raise SystemExit(f"evaluate.py: which dataset? pass --dataset ({', '.join(data.DATASETS)})")
+        if cfg.modality_gap:  # refused before the split is read, not after the model has run over it
+            cv, ct = model.distill_widths(cfg.gap_loc)
+            if cv != ct:
+                raise SystemExit(f"evaluate.py: --gap_loc {cfg.gap_loc}: this checkpoint's visual features there are "
+                                 f"{cv} wide and its text features {ct}, two different spaces with no gap to measure "
+                                 f"between them; use --gap_loc loc1 (the fused tokens, the distilled ones) or loc2")
+            gap_folder = cfg.out_dir or os.path.dirname(os.path.abspath(cfg.ckpt))
+            os.makedirs(gap_folder, exist_ok=True)
+            if not os.access(gap_folder, os.W_OK):
+                raise SystemExit(f"evaluate.py: --modality_gap writes into {gap_folder}, which you cannot write "
+                                 f"to: pass --out_dir")
         results = {}
         for split in [cfg.split] if cfg.split else data.DATASETS[name].eval_splits:
             dataset = data.make_dataset(dcfg, split, tokenizer, train=False, imsize=model.cfg.imsize,
                                         max_query_len=model.cfg.max_query_len)
+            if cfg.modality_gap:
+                results[split] = measure_gap(model, dataset, env, cfg, name, split, gap_folder)
+                continue
             results[split], records = evaluate(model, dataset, env.device, cfg.batch_size, cfg.num_workers,
                                                keep_records=cfg.vis > 0, dtype=cfg.dtype)
             results[split]["skipped"] = dataset.skipped
@@ -263,10 +379,14 @@ def main(argv: list[str] | None = None) -> dict:
                 paths = save_pictures(dataset, records, out_dir, cfg.vis, cfg.worst, f"{name}_{split}")
                 print0(f"{split}: {len(paths)} pictures in {out_dir}")
         print0(f"{name}, {cfg.ckpt}")
-        print_table(results)
+        if cfg.modality_gap:
+            print_gap_table(results, cfg.gap_loc)
+        else:
+            print_table(results)
         if cfg.json and env.is_master:
+            gap_loc = {"gap_loc": cfg.gap_loc} if cfg.modality_gap else {}
             with open(cfg.json, "w") as f:
-                json.dump({"ckpt": cfg.ckpt, "dataset": name, "results": results}, f, indent=1)
+                json.dump({"ckpt": cfg.ckpt, "dataset": name, **gap_loc, "results": results}, f, indent=1)
         return results
     finally:
         if env.ddp:

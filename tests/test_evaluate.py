@@ -13,6 +13,7 @@ import data
 import evaluate
 import train
 from losses import paired_iou_xyxy
+from runtime import UsageError
 
 
 def test_iou_of_exactly_one_half_counts_as_correct():
@@ -84,14 +85,14 @@ def test_single_image_prediction(checkpoint, tmp_path):
     assert 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H
     picture = decode_png(read_file(out["picture"]))  # enlarged to a 480 long side, plus the caption bar
     assert picture.shape[0] == 3 and max(picture.shape[1:]) >= 480
-    with pytest.raises(FileNotFoundError, match="nothing.png"):
+    with pytest.raises(UsageError, match="--image .*nothing.png: no such file"):
         evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'nothing.png'}", "--text=a"])
 
 
 def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="--ckpt"):
+    with pytest.raises(UsageError, match="--ckpt"):
         evaluate.main([])
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(UsageError, match="--ckpt .*nope.pt: no such checkpoint file"):
         evaluate.main([f"--ckpt={tmp_path / 'nope.pt'}", "--device=cpu"])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="neither our checkpoint"):
@@ -118,7 +119,7 @@ def test_bad_arguments_are_refused_before_anything_is_loaded(argv, message, caps
 
 def test_a_tokenizer_too_big_for_the_checkpoints_text_encoder_is_refused(checkpoint, tmp_path):
     data.write_vocab(str(tmp_path / "big"), [f"w{i}" for i in range(200)])
-    with pytest.raises(SystemExit, match=r"205 tokens but the checkpoint's text encoder embeds \d+"):
+    with pytest.raises(UsageError, match=r"205 tokens but the checkpoint's text encoder embeds \d+"):
         evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--tokenizer={tmp_path / 'big'}"])
 
 

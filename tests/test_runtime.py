@@ -151,7 +151,7 @@ def test_a_run_folder_takes_one_run_at_a_time_and_loses_stale_temp_files(tmp_pat
     (tmp_path / "run" / "last.pt.x1y2.tmp").write_bytes(b"half a checkpoint from a killed run")
     lock = runtime.lock_run_dir(str(tmp_path / "run"))
     assert not (tmp_path / "run" / "last.pt.x1y2.tmp").exists()
-    with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+    with pytest.raises(runtime.UsageError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
         runtime.lock_run_dir(str(tmp_path / "run"))
     lock.close()  # what the OS does when the holder dies, even by kill -9
     runtime.lock_run_dir(str(tmp_path / "run")).close()

@@ -16,6 +16,7 @@ import train
 import transforms
 from clip_teacher import CLIPTeacher
 from model import GroundingModel
+from runtime import UsageError
 from toy import ToyCLIPConfig, build_toy_teacher
 
 TINY_TEACHER = {"steps": 30, "batch_size": 16, "width": 32, "layers": 1, "image_size": 32, "embed_dim": 64,
@@ -74,7 +75,7 @@ def test_a_toy_teacher_built_with_other_settings_is_refused_not_reused(tmp_path)
     toy.check_world_files(str(vocab), built)  # the same settings: reused
     with pytest.raises(ValueError, match=r"other settings: steps 30 \(this run: 400\); imsize 64 \(this run: 128\)"):
         toy.check_world_files(str(vocab), dataclasses.replace(built, steps=400, imsize=128))
-    with pytest.raises(FileExistsError, match="clip exists"):  # before any training, not at the final move
+    with pytest.raises(UsageError, match="clip exists"):  # before any training, not at the final move
         build_toy_teacher(built)
     (vocab / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nred\n")
     with pytest.raises(ValueError, match="lacks words the synthetic world says"):
@@ -131,7 +132,7 @@ def test_toy_detr_learns_and_loads_through_visual_init(tmp_path, shapes_tok, tin
     toy.check_world_files(str(tmp_path), None, cfg)  # the same settings: reused
     with pytest.raises(ValueError, match=r"toy DETR .* other settings: steps 40 \(this run: 300\)"):
         toy.check_world_files(str(tmp_path), None, dataclasses.replace(cfg, steps=300))
-    with pytest.raises(FileExistsError, match="detr.pth exists"):
+    with pytest.raises(UsageError, match="detr.pth exists"):
         toy.build_toy_detr(cfg, mcfg, shapes_tok)
 
 

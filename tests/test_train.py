@@ -201,7 +201,7 @@ def test_two_process_step_equals_one_process_step_on_the_same_global_batch(tmp_p
 def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_train_flags):
     train.main(tiny_train_flags(tmp_path, "--max_steps=2", "--final_eval=false"))
     before = digest(tmp_path / "last.pt")
-    with pytest.raises(FileExistsError, match=f"--out_dir {tmp_path} holds a run \\(last.pt, best.pt, log.jsonl, config.json\\)"
+    with pytest.raises(runtime.UsageError, match=f"--out_dir {tmp_path} holds a run \\(last.pt, best.pt, log.jsonl, config.json\\)"
                                               f": pass --resume {tmp_path / 'last.pt'} to continue it, --overwrite"):
         train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--lr=1e-3"))
     assert digest(tmp_path / "last.pt") == before  # untouched
@@ -222,7 +222,7 @@ def test_without_out_dir_a_run_takes_the_next_free_folder(tmp_path, tiny_train_f
 def test_two_runs_cannot_share_a_folder(tmp_path, tiny_train_flags):
     lock = runtime.lock_run_dir(str(tmp_path))  # another run holds it
     try:
-        with pytest.raises(RuntimeError, match=f"{tmp_path} is in use by another run \\(pid {os.getpid()}\\)"):
+        with pytest.raises(runtime.UsageError, match=f"{tmp_path} is in use by another run \\(pid {os.getpid()}\\)"):
             train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false"))
     finally:
         lock.close()

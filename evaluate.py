@@ -29,7 +29,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import data
 import transforms
-from interop import load_model
+from interop import checkpoint_kind, load_model
 from losses import paired_iou_xyxy
 from model import GroundingModel, read_checkpoint
 from runtime import UsageError, amp_dtype, autocast_for, check_fields, cli, parse_config, print0, setup_device
@@ -188,6 +188,8 @@ def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
         folders = {info.folder: name for name, info in data.DATASETS.items() if info.folder}
         saved["dataset"] = folders.get((ckpt.get("args") or {}).get("dataset"), "")
     given = {k: getattr(cfg, k) for k in ("dataset", "split_root", "data_root", "drop_invalid") if getattr(cfg, k)}
+    if not {**saved, **given}["dataset"]:
+        raise UsageError(f"which dataset? the checkpoint does not say: pass --dataset ({', '.join(data.DATASETS)})")
     return data.DataConfig(**{**saved, **given})
 
 
@@ -225,12 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not cfg.ckpt:
         raise UsageError("--ckpt: give a checkpoint of train.py or an official TransVG or QRNet one")
     ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
+    if checkpoint_kind(ckpt) not in ("ours", "qrnet", "transvg"):
+        raise UsageError(f"--ckpt {cfg.ckpt}: neither a checkpoint of train.py (no 'model_config') nor an official "
+                         f"TransVG or QRNet one (no 'model' dict with vl_pos_embed.weight)")
     if cfg.image and not os.path.isfile(cfg.image):
         raise UsageError(f"--image {cfg.image}: no such file")
     dcfg = None if cfg.image else run_data_config(ckpt, cfg)
     if dcfg is not None:  # every file the evaluation reads, before the model is built
-        if dcfg.dataset not in data.DATASETS:
-            raise UsageError(f"which dataset? the checkpoint does not say: pass --dataset ({', '.join(data.DATASETS)})")
         splits = data.DATASETS[dcfg.dataset].eval_splits
         if cfg.split and cfg.split not in data.DATASETS[dcfg.dataset].splits:
             raise UsageError(f"--split {cfg.split}: {dcfg.dataset} has no such split; valid: "

@@ -399,8 +399,10 @@ def read_checkpoint(path: str, flag: str = "") -> dict:
                          f"never unpickled (that could run any code)" if found else
                          f"{what}: not a PyTorch checkpoint (torch.load cannot read it)") from None
     except Exception as e:  # zip errors, or whatever torch's unpickler trips on in bytes that are no pickle
-        raise UsageError(f"{what}: not a readable PyTorch checkpoint, or a damaged one (truncated, partly copied): "
-                         f"{str(e).split('.')[0]}") from None
+        damaged = "zip archive" in str(e)  # torch.save's format is a zip: a truncated or partly copied file
+        raise UsageError(f"{what}: not a PyTorch checkpoint (torch.load cannot read it)" if not damaged else
+                         f"{what}: a damaged PyTorch checkpoint (torch.load cannot read its zip archive: truncated, or "
+                         f"partly copied?)") from None
     if not isinstance(ckpt, dict):
         raise UsageError(f"{what}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if isinstance(ckpt.get("args"), argparse.Namespace):

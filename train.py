@@ -13,8 +13,9 @@
 Every field of TrainConfig, DataConfig and ModelConfig is a flag (--key value or --key=value; --help lists them).
 Per-dataset presets (PRESETS) hold the paper's recipe; flags override them. Before anything is built, downloaded or
 written, check_inputs checks every flag and input the run needs and reports all that are wrong in one message (exit
-status 2). train() reads top to bottom: config, device, data, model, teacher, optimizer, resume, loop. Checkpoints are plain data (weights_only=True loads them),
-hold the student only (the teacher is stored by name), and are written atomically by rank 0.
+status 2). train() reads top to bottom: config, device, data, model, teacher, optimizer, resume, loop. Checkpoints
+are plain data (weights_only=True loads them), hold the student only (the teacher is stored by name), and are written
+atomically by rank 0.
 
 References: EpmVG paper sec. 4.2; TransVG (github.com/djiajunustc/TransVG @ c862427) train.py and engine.py.
 """
@@ -405,8 +406,8 @@ def check_inputs(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env
                 to_build.append(f"the synthetic world's toy DETR will be built at {mcfg.visual_init}")
             else:
                 how = toy.not_built_here("visual_init", mcfg.visual_init, mcfg, dcfg, 0) if shapes_run else None
-                problems.append(f"--visual_init {mcfg.visual_init}: no such file; " + (
-                    how or "give a DETR, TransVG, QRNet or Mask R-CNN checkpoint, or random (or imagenet for a ResNet)"))
+                problems.append(f"--visual_init {mcfg.visual_init}: no such file; " + (how or "give a DETR, TransVG, "
+                                "QRNet or Mask R-CNN checkpoint, or random (or imagenet for a ResNet)"))
     splits = {cfg.train_split, cfg.eval_split, *(data.DATASETS[dcfg.dataset].eval_splits if cfg.final_eval else ())}
     problems += data.missing_inputs(dcfg, [s for s in data.DATASETS[dcfg.dataset].splits if s in splits])
     if shapes_run and not problems:  # toy models already built: with this run's settings?

@@ -13,6 +13,7 @@ import data
 import evaluate
 import train
 from losses import paired_iou_xyxy
+from model import read_checkpoint
 from runtime import UsageError
 
 
@@ -73,7 +74,7 @@ def test_vis_writes_valid_pngs_of_the_worst_predictions(checkpoint, tmp_path):
 
 
 def test_single_image_prediction(checkpoint, tmp_path):
-    tok = data.load_tokenizer(str(checkpoint.parent / "vocab"))
+    tok = data.load_tokenizer(read_checkpoint(str(checkpoint))["model_config"]["text_encoder"])
     world = data.make_dataset(data.DataConfig("shapes", shapes_image_size=64), "test", tok, train=False, imsize=64,
                               max_query_len=16)
     image = world.original_image(0)
@@ -95,8 +96,12 @@ def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(UsageError, match="--ckpt .*nope.pt: no such checkpoint file"):
         evaluate.main([f"--ckpt={tmp_path / 'nope.pt'}", "--device=cpu"])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="neither our checkpoint"):
+    with pytest.raises(UsageError, match="--ckpt .*other.pt: neither a checkpoint of train.py"):
         evaluate.main([f"--ckpt={tmp_path / 'other.pt'}", "--device=cpu"])
+    (tmp_path / "hostname").write_text("build-machine-7\n")
+    with pytest.raises(UsageError, match=r"^--ckpt .*hostname: not a PyTorch checkpoint \(torch.load cannot read it\)$"):
+        evaluate.main([f"--ckpt={tmp_path / 'hostname'}", "--device=cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostname", "other.pt"]  # no vis/ folder, nothing else
 
 
 # -----------------------------------------------------------------------------

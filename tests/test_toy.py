@@ -43,16 +43,19 @@ def test_default_path_builds_teacher_and_detr_distils_evaluates_and_draws(tmp_pa
     # train.py builds the missing toy teacher with ToyCLIPConfig's defaults; shrink them to CI size
     monkeypatch.setattr(toy, "ToyCLIPConfig",
                         lambda **kw: ToyCLIPConfig(**{**kw, **{k: v for k, v in TINY_TEACHER.items() if k != "steps"}}))
-    teacher, detr = tmp_path / "toy_clip", tmp_path / "toy_detr.pth"  # and the preset's frozen, cached branch
-    out = train.main(tiny_train_flags(tmp_path / "run", "--distill=cos", f"--teacher={teacher}",
-                                      "--toy_teacher_steps=20", "--epochs=2", f"--visual_init={detr}",
-                                      "--toy_detr_steps=3", "--cache_visual=true", "--augment=false"))
+    # toy models are built only at the preset's own paths (relative: under tmp_path here), never at a typed one
+    monkeypatch.chdir(tmp_path)
+    teacher, detr = toy.PRESET["teacher"], toy.PRESET["visual_init"]  # and the preset's frozen, cached branch
+    out = train.main(tiny_train_flags(tmp_path / "run", "--distill=cos", f"--teacher={teacher}", "--toy_teacher_steps=20",
+                                      "--epochs=2", f"--visual_init={detr}", "--toy_detr_steps=3", "--cache_visual=true",
+                                      "--augment=false"))
+    teacher, detr = tmp_path / teacher, tmp_path / detr
     assert (teacher / "metrics.json").exists() and out["step"] == 6 and out["test_n"] == 9
     assert torch.load(detr, weights_only=True)["toy_config"]["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["train_distill_img"] > 0 and log[0]["train_distill_txt"] > 0
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert ckpt["teacher"]["name"] == str(teacher)
+    assert ckpt["teacher"]["name"] == toy.PRESET["teacher"]  # as given: relative to where the run started
     results = evaluate.main([f"--ckpt={tmp_path / 'run' / 'best.pt'}", "--device=cpu", "--num_workers=0", "--vis=2",
                              f"--out_dir={tmp_path / 'vis'}"])
     assert set(results) == {"val", "test"} and len(list((tmp_path / "vis").glob("*.png"))) == 4

@@ -99,7 +99,8 @@ def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(UsageError, match="--ckpt .*other.pt: neither a checkpoint of train.py"):
         evaluate.main([f"--ckpt={tmp_path / 'other.pt'}", "--device=cpu"])
     (tmp_path / "hostname").write_text("build-machine-7\n")
-    with pytest.raises(UsageError, match=r"^--ckpt .*hostname: not a PyTorch checkpoint \(torch.load cannot read it\)$"):
+    with pytest.raises(UsageError, match=r"^--ckpt .*hostname: not a PyTorch checkpoint \(torch.load cannot read "
+                                         r"it\)$"):
         evaluate.main([f"--ckpt={tmp_path / 'hostname'}", "--device=cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostname", "other.pt"]  # no vis/ folder, nothing else
 

@@ -182,8 +182,8 @@ class Payload:  # an arbitrary class: unpickling it would run code we do not tru
 def test_checkpoints_with_arbitrary_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": Payload()}, path)
-    with pytest.raises(UsageError, match=r"evil.pth: holds a Python object of class \S*Payload, not only tensors and plain "
-                                         r"data; it is never unpickled"):
+    with pytest.raises(UsageError, match=r"evil.pth: holds a Python object of class \S*Payload, not only tensors "
+                                         r"and plain data; it is never unpickled"):
         read_checkpoint(str(path))
 
 

@@ -11,6 +11,7 @@ import torch
 
 import data
 import evaluate
+import runtime
 import toy
 import train
 import transforms
@@ -46,9 +47,9 @@ def test_default_path_builds_teacher_and_detr_distils_evaluates_and_draws(tmp_pa
     # toy models are built only at the preset's own paths (relative: under tmp_path here), never at a typed one
     monkeypatch.chdir(tmp_path)
     teacher, detr = toy.PRESET["teacher"], toy.PRESET["visual_init"]  # and the preset's frozen, cached branch
-    out = train.main(tiny_train_flags(tmp_path / "run", "--distill=cos", f"--teacher={teacher}", "--toy_teacher_steps=20",
-                                      "--epochs=2", f"--visual_init={detr}", "--toy_detr_steps=3", "--cache_visual=true",
-                                      "--augment=false"))
+    out = train.main(tiny_train_flags(tmp_path / "run", "--distill=cos", f"--teacher={teacher}",
+                                      "--toy_teacher_steps=20", "--epochs=2", f"--visual_init={detr}",
+                                      "--toy_detr_steps=3", "--cache_visual=true", "--augment=false"))
     teacher, detr = tmp_path / teacher, tmp_path / detr
     assert (teacher / "metrics.json").exists() and out["step"] == 6 and out["test_n"] == 9
     assert torch.load(detr, weights_only=True)["toy_config"]["steps"] == 3
@@ -83,6 +84,22 @@ def test_a_toy_teacher_built_with_other_settings_is_refused_not_reused(tmp_path)
     (vocab / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nred\n")
     with pytest.raises(ValueError, match="lacks words the synthetic world says"):
         toy.check_world_files(str(vocab), None)
+
+
+def test_toy_models_are_built_at_the_presets_paths_only_never_at_a_typed_one(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.chdir(tmp_path)
+    env = runtime.DeviceEnv(torch.device("cpu"), False, 0, 0, 1)
+    mcfg = tiny_config(text_encoder=str(tmp_path / "typo" / "vocab"), visual_init=str(tmp_path / "typo" / "detr.pth"))
+    with pytest.raises(UsageError) as info:
+        toy.prepare_world(mcfg, data.DataConfig(), str(tmp_path / "typo" / "clip"), 30, 30, env)
+    assert [line.split(":")[0] for line in str(info.value).splitlines()] == [
+        f"--text_encoder {tmp_path}/typo/vocab", f"--teacher {tmp_path}/typo/clip",
+        f"--visual_init {tmp_path}/typo/detr.pth"]
+    assert f"python toy.py --out_dir {tmp_path}/typo/clip --steps 30 --imsize 64" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing built, not even the folder
+    # the preset's own path: written on first use (distillation off, no DETR: only the vocabulary)
+    toy.prepare_world(tiny_config(text_encoder=toy.PRESET["text_encoder"]), data.DataConfig(), None, 30, 30, env)
+    assert (tmp_path / toy.PRESET["text_encoder"] / "vocab.txt").exists()
 
 
 def test_a_killed_teacher_build_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):

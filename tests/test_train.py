@@ -201,8 +201,9 @@ def test_two_process_step_equals_one_process_step_on_the_same_global_batch(tmp_p
 def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_train_flags):
     train.main(tiny_train_flags(tmp_path, "--max_steps=2", "--final_eval=false"))
     before = digest(tmp_path / "last.pt")
-    with pytest.raises(runtime.UsageError, match=f"--out_dir {tmp_path} holds a run \\(last.pt, best.pt, log.jsonl, config.json\\)"
-                                              f": pass --resume {tmp_path / 'last.pt'} to continue it, --overwrite"):
+    with pytest.raises(runtime.UsageError, match=f"--out_dir {tmp_path} holds a run \\(last.pt, best.pt, log.jsonl, "
+                                                 f"config.json\\): pass --resume {tmp_path / 'last.pt'} to continue "
+                                                 f"it, --overwrite"):
         train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--lr=1e-3"))
     assert digest(tmp_path / "last.pt") == before  # untouched
     train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--overwrite"))
@@ -279,7 +280,7 @@ def listing(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-# the issue's table: what a user typed on the synthetic world (the preset's defaults, out/ under tmp_path) -> the message
+# issue 24's table: what a user typed on the synthetic world (the preset's defaults, out/ under tmp_path) -> message
 @pytest.mark.parametrize("flags, message", [
     (["--device=cuda"], r"--device cuda: this machine has no CUDA GPU .*; pass --device cpu"),
     (["--resume={tmp}/hostname"], r"--resume .*hostname: not a PyTorch checkpoint \(torch.load cannot read it\)$"),

@@ -387,11 +387,12 @@ def check_inputs(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env
                             f"be built at {name}")
             continue
         why = next((w for w in (runtime.find_pretrained(name, f) for f in files) if w), None)
-        how = (toy.not_built_here(flag, name, mcfg, dcfg, cfg.toy_teacher_steps) if shapes_run else None) or (
-            f"where the hub is reachable, `hf download {name}` fills the cache (copy it, and point HF_HOME at the "
-            f"copy), or save_pretrained it into a folder and pass that (README)" if runtime.is_hub_name(name) else
-            f"give a folder that holds {' and '.join(files)} (or a hub name)")
         if why:
+            toy_how = toy.not_built_here(flag, name, mcfg, dcfg, cfg.toy_teacher_steps) if shapes_run else None
+            how = (f"where the hub is reachable, `hf download {name}` fills the cache (copy it, and point HF_HOME at "
+                   f"the copy), or save_pretrained it into a folder and pass that (README)" +
+                   (f"; if it is a path: {toy_how}" if toy_how else "") if runtime.is_hub_name(name) else
+                   toy_how or f"give a folder that holds {' and '.join(files)} (or a hub name)")
             problems.append(f"--{flag} {name}: {why}; {how}")
     if mcfg.text_init == "pretrained" and not any(f"--text_encoder {mcfg.text_encoder}:" in p for p in problems):
         with contextlib.suppress(OSError):  # on disk or in the cache: its position table, read without the hub

@@ -382,8 +382,9 @@ def test_under_torchrun_every_rank_stops_and_the_message_is_printed_once(tmp_pat
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     said = "error: --shapes_train_size 8: fewer training samples than one batch"
     assert run.returncode != 0 and (run.stdout + run.stderr).count(said) == 1, run.stderr[-3000:]
-    # torchrun's own report of the failed processes follows (its ChildFailedError): both exited with status 2
-    assert run.stderr.count("exitcode  : 2") == 2 and listing(tmp_path) == []
+    # torchrun's own report of the failed processes follows (its ChildFailedError): the first to exit did so with
+    # status 2; the other either did too or was stopped by torchrun first (which one wins is a race on a busy machine)
+    assert "exitcode  : 2" in run.stderr and listing(tmp_path) == []
 
 
 def test_resuming_a_file_train_py_did_not_write_says_what_it_is(tmp_path):

@@ -37,7 +37,7 @@ import transforms
 from clip_teacher import CLIPTeacher, save_random_clip
 from losses import distill_loss, total_loss
 from model import GroundingModel, ModelConfig, example_inputs
-from runtime import amp_dtype, autocast_for, parse_config, setup_device
+from runtime import amp_dtype, autocast_for, cli, parse_config, setup_device
 
 # bert-base-uncased's architecture, so the benchmark needs no download
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = setup_device(cfg.device).device
+    amp_dtype(device, cfg.dtype)  # --dtype bfloat16 on a CPU: refused before the model is built
     r = bench_model(cfg, device)
     B = cfg.batch_size
     print(f"machine: {machine(device)} | torch {torch.__version__} | {cfg.backbone}, batch {B}, {cfg.dtype}"
@@ -308,4 +309,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

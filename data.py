@@ -2,7 +2,8 @@
 
 Contents
   registry     DATASETS: each --dataset name -> TransVG split folder, image folder, splits, box format, DETR
-               initialisation; DataConfig: the flags that choose a dataset and where its files are
+               initialisation; DataConfig: the flags that choose a dataset and where its files are;
+               missing_inputs: the split files and image folder a run would not find, said before it starts
   text         load_tokenizer (BERT's, by hub name or folder), make_encoder, tokenize
   datasets     TransVGSplits (the split files every TransVG-lineage codebase ships), ShapesWorld (shapes.py's
                synthetic referring-expression world: the toy default and the test fixture), make_dataset,
@@ -40,7 +41,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 import shapes
-from runtime import check_fields
+from runtime import UsageError, check_fields
 from transforms import transform_sample
 
 # -----------------------------------------------------------------------------
@@ -95,6 +96,42 @@ class DataConfig:
                             ("shapes_rare_keep", 0 <= self.shapes_rare_keep <= 1, "in [0, 1]")])
 
 
+GET_SPLITS = ("Download the TransVG split indices (data.tar, linked from TransVG's GETTING_STARTED.md; QRNet and "
+              "CLIP-VG ship the same files) and extract them")
+
+
+def split_paths(name: str, split: str, split_root: str) -> list[str]:
+    """The TransVG split files a split reads: trainval = train + val, except for referit, which ships its own."""
+    folder = DATASETS[name].folder
+    parts = ["train", "val"] if split == "trainval" and name != "referit" else [split]
+    return [os.path.join(split_root, folder, f"{folder}_{p}.pth") for p in parts]
+
+
+def missing_inputs(cfg: DataConfig, splits) -> list[str]:
+    """What a run on these splits of cfg.dataset would not find, each with the flag that says where and what to
+    do (the README's download steps): split files, then the image folder. Reads nothing, except, when the image
+    folder is missing, the first split file's first entry (split files may name images by absolute paths)."""
+    if cfg.dataset == "shapes":
+        return []
+    info = DATASETS[cfg.dataset]
+    paths = list(dict.fromkeys(p for split in splits for p in split_paths(cfg.dataset, split, cfg.split_root)))
+    found, problems = [p for p in paths if os.path.isfile(p)], []
+    if len(found) < len(paths):
+        problems.append(f"--split_root {cfg.split_root}: {', '.join(p for p in paths if p not in found)} not found. "
+                        f"{GET_SPLITS} into {cfg.split_root}/ (so that "
+                        f"{os.path.join(cfg.split_root, info.folder)}/ exists), or pass --split_root")
+    image_dir = os.path.join(cfg.data_root, info.image_dir)
+    if not os.path.isdir(image_dir):
+        try:
+            first = _read_split_file(found[0])[0][0] if found else ""
+        except (UsageError, IndexError, TypeError, KeyError):  # a broken file: its own error comes when it is read
+            first = ""
+        if not os.path.isabs(str(first)):
+            problems.append(f"--data_root {cfg.data_root}: image folder {image_dir} not found: put the "
+                            f"{info.images_from} there, or pass --data_root")
+    return problems
+
+
 # -----------------------------------------------------------------------------
 # text
 
@@ -105,16 +142,16 @@ def load_tokenizer(name_or_path: str):
 
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):
-        raise FileNotFoundError(f"tokenizer folder {name_or_path!r} does not exist (it needs a vocab.txt)")
+        raise UsageError(f"tokenizer folder {name_or_path!r} does not exist (it needs a vocab.txt)")
     try:
         tok = BertTokenizer.from_pretrained(name_or_path)
     except OSError as e:
-        raise OSError(f"cannot load the BERT tokenizer {name_or_path!r} ({e}). Offline, pass a local folder "
-                      "that holds its vocab.txt") from e
+        raise UsageError(f"cannot load the BERT tokenizer {name_or_path!r} ({e}). Offline, pass a local folder "
+                         "that holds its vocab.txt") from e
     # transformers 5 offline (HF_HUB_OFFLINE=1) returns a tokenizer with only its 5 special tokens for a
     # hub name it cannot fetch, which would silently map every word to [UNK].
     if len(tok) <= len(tok.all_special_tokens):
-        raise OSError(f"BERT tokenizer {name_or_path!r} came back without a vocabulary (hub offline or "
+        raise UsageError(f"BERT tokenizer {name_or_path!r} came back without a vocabulary (hub offline or "
                       "not cached?): pass a local folder that holds its vocab.txt")
     return tok
 
@@ -189,10 +226,10 @@ def _read_split_file(path: str) -> list:
     try:
         entries = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or OSError depending on the damage
-        raise ValueError(f"cannot read split file {path}: {type(e).__name__}: {e}\n(split files are plain "
+        raise UsageError(f"cannot read split file {path}: {type(e).__name__}: {e}\n(split files are plain "
                          "lists of tuples; anything more is refused, never unpickled unrestricted)") from e
     if not isinstance(entries, list):
-        raise ValueError(f"split file {path} holds a {type(entries).__name__}, expected a list of tuples")
+        raise UsageError(f"split file {path} holds a {type(entries).__name__}, expected a list of tuples")
     return entries
 
 
@@ -233,16 +270,11 @@ class TransVGSplits(GroundingDataset):
                  split_root: str, data_root: str, drop_invalid: bool = False):
         super().__init__(name, split, tokenizer, train=train, imsize=imsize, max_query_len=max_query_len)
         info = DATASETS[name]
-        folder = os.path.join(split_root, info.folder)
-        # trainval = train + val, except for referit, which ships a trainval file of its own
-        parts = ["train", "val"] if split == "trainval" and name != "referit" else [split]
-        paths = [os.path.join(folder, f"{info.folder}_{p}.pth") for p in parts]
+        paths = split_paths(name, split, split_root)
         for path in paths:
             if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{name}: split file {path} not found. Download the TransVG split indices (data.tar, "
-                    f"linked from TransVG's GETTING_STARTED.md; QRNet and CLIP-VG ship the same files) and "
-                    f"extract them so that {folder}/ exists, or pass --split_root")
+                raise UsageError(f"{name}: split file {path} not found. {GET_SPLITS} so that "
+                                 f"{os.path.dirname(path)}/ exists, or pass --split_root")
         self.image_dir = os.path.join(data_root, info.image_dir)
         self.items, bad = [], []
         for path in paths:
@@ -252,16 +284,16 @@ class TransVGSplits(GroundingDataset):
                 except ValueError as e:
                     bad.append(f"{path} entry {k}: {e}: {repr(entry)[:200]}")
         if bad and not drop_invalid:
-            raise ValueError(f"{len(bad)} invalid entries (--drop_invalid skips them):\n" + "\n".join(bad[:5]))
+            raise UsageError(f"{len(bad)} invalid entries (--drop_invalid skips them):\n" + "\n".join(bad[:5]))
         if bad:
             warnings.warn(f"{name} {split}: skipped {len(bad)} invalid entries; first {bad[0]}", stacklevel=3)
         self.skipped = len(bad)  # reported beside the accuracy: it is over the entries that remain
         if not self.items:
-            raise ValueError(f"{name} {split}: no usable entries in {', '.join(paths)}" +
+            raise UsageError(f"{name} {split}: no usable entries in {', '.join(paths)}" +
                              (f" ({len(bad)} invalid, skipped)" if bad else " (the split file is empty)"))
         if self.items and not os.path.isabs(self.items[0][0]) and not os.path.isdir(self.image_dir):
-            raise FileNotFoundError(f"{name}: image folder {self.image_dir} not found: put the "
-                                    f"{info.images_from} there, or pass --data_root")
+            raise UsageError(f"{name}: image folder {self.image_dir} not found: put the {info.images_from} there, "
+                             f"or pass --data_root")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -359,9 +391,9 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer, *, train: bool, imsize:
     with an imsize canvas and max_query_len tokens (TransVG uses 40 for RefCOCOg: DATASETS[name].max_query_len)."""
     name = cfg.dataset
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if split not in DATASETS[name].splits:
-        raise ValueError(f"{name} has no split {split!r}; valid: {', '.join(DATASETS[name].splits)}")
+        raise UsageError(f"{name} has no split {split!r}; valid: {', '.join(DATASETS[name].splits)}")
     common = dict(train=train, imsize=imsize, max_query_len=max_query_len)
     if name == "shapes":
         size = (cfg.shapes_train_size if split == "train" else cfg.shapes_eval_size) or None

@@ -38,10 +38,11 @@ from torchvision.utils import draw_bounding_boxes
 import data
 import gap
 import transforms
-from interop import load_model
+from interop import checkpoint_kind, load_model
 from losses import paired_iou_xyxy
 from model import GroundingModel, read_checkpoint
-from runtime import DeviceEnv, autocast_for, check_fields, parse_config, print0, setup_device
+from runtime import (DeviceEnv, UsageError, amp_dtype, autocast_for, check_fields, cli, parse_config, print0,
+                     setup_device)
 
 # -----------------------------------------------------------------------------
 # metrics (pure)
@@ -301,6 +302,8 @@ def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
         folders = {info.folder: name for name, info in data.DATASETS.items() if info.folder}
         saved["dataset"] = folders.get((ckpt.get("args") or {}).get("dataset"), "")
     given = {k: getattr(cfg, k) for k in ("dataset", "split_root", "data_root", "drop_invalid") if getattr(cfg, k)}
+    if not {**saved, **given}["dataset"]:
+        raise UsageError(f"which dataset? the checkpoint does not say: pass --dataset ({', '.join(data.DATASETS)})")
     return data.DataConfig(**{**saved, **given})
 
 
@@ -309,7 +312,7 @@ def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device
                   dtype: str = "auto") -> dict:
     """Box (x1, y1, x2, y2) in the image's pixels for one expression, and a PNG of it."""
     if not data.has_word(text):
-        raise ValueError(f"--text {text!r} has no word in it: give the referring expression, e.g. --text 'the man "
+        raise UsageError(f"--text {text!r} has no word in it: give the referring expression, e.g. --text 'the man "
                          f"on the left'")
     image = data.read_image(path)
     H, W = image.shape[1:]
@@ -318,7 +321,7 @@ def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device
                                    imsize=model.cfg.imsize)
     ids, mask = data.tokenize(data.make_encoder(tokenizer, model.cfg.max_query_len), sample["text"])
     if (ids[mask.bool()] == tokenizer.unk_token_id).sum() == mask.sum() - 2:  # [CLS] and [SEP] around nothing known
-        raise ValueError(f"--text {text!r}: the tokenizer knows none of its words (all [UNK])")
+        raise UsageError(f"--text {text!r}: the tokenizer knows none of its words (all [UNK])")
     batch = data.collate([{**sample, "input_ids": ids, "attention_mask": mask}])
     with autocast_for(device, dtype):
         out = model(batch["image"].to(device), batch["img_is_pad"].to(device), batch["input_ids"].to(device),
@@ -336,34 +339,46 @@ def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device
 def main(argv: list[str] | None = None) -> dict:
     cfg, = parse_config(argv, [EvalConfig], description=__doc__)
     if not cfg.ckpt:
-        raise SystemExit("evaluate.py: give --ckpt, a checkpoint of train.py or an official TransVG one")
+        raise UsageError("--ckpt: give a checkpoint of train.py or an official TransVG or QRNet one")
+    ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
+    if checkpoint_kind(ckpt) not in ("ours", "qrnet", "transvg"):
+        raise UsageError(f"--ckpt {cfg.ckpt}: neither a checkpoint of train.py (no 'model_config') nor an official "
+                         f"TransVG or QRNet one (no 'model' dict with vl_pos_embed.weight)")
+    if cfg.image and not os.path.isfile(cfg.image):
+        raise UsageError(f"--image {cfg.image}: no such file")
+    dcfg = None if cfg.image else run_data_config(ckpt, cfg)
+    if dcfg is not None:  # every file the evaluation reads, before the model is built
+        splits = data.DATASETS[dcfg.dataset].eval_splits
+        if cfg.split and cfg.split not in data.DATASETS[dcfg.dataset].splits:
+            raise UsageError(f"--split {cfg.split}: {dcfg.dataset} has no such split; valid: "
+                             f"{', '.join(data.DATASETS[dcfg.dataset].splits)}")
+        missing = data.missing_inputs(dcfg, [cfg.split] if cfg.split else splits)
+        if missing:
+            raise UsageError("\n".join(missing))
     env = setup_device(cfg.device)
     try:
-        ckpt = read_checkpoint(cfg.ckpt)
+        amp_dtype(env.device, cfg.dtype)  # --dtype bfloat16 on a CPU: refused here, not at the first batch
         model = load_model(cfg.ckpt, env.device, ckpt=ckpt)
         tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
         words = model.text_encoder.config.vocab_size
         if len(tokenizer) > words:  # its ids past the embedding table would fail deep inside BERT
-            raise SystemExit(f"evaluate.py: the tokenizer {cfg.tokenizer or model.cfg.text_encoder!r} has "
-                             f"{len(tokenizer)} tokens but the checkpoint's text encoder embeds {words}: pass the "
-                             f"--tokenizer it was trained with")
+            raise UsageError(f"--tokenizer {cfg.tokenizer or model.cfg.text_encoder}: it has {len(tokenizer)} tokens "
+                             f"but the checkpoint's text encoder embeds {words}: pass the --tokenizer it was trained "
+                             f"with")
         out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "vis")
         if cfg.image:
             return predict_image(model, tokenizer, cfg.image, cfg.text, env.device, out_dir, cfg.dtype)
-        dcfg = run_data_config(ckpt, cfg)
         name = dcfg.dataset
-        if name not in data.DATASETS:
-            raise SystemExit(f"evaluate.py: which dataset? pass --dataset ({', '.join(data.DATASETS)})")
         if cfg.modality_gap:  # refused before the split is read, not after the model has run over it
             cv, ct = model.distill_widths(cfg.gap_loc)
             if cv != ct:
-                raise SystemExit(f"evaluate.py: --gap_loc {cfg.gap_loc}: this checkpoint's visual features there are "
+                raise UsageError(f"--gap_loc {cfg.gap_loc}: this checkpoint's visual features there are "
                                  f"{cv} wide and its text features {ct}, two different spaces with no gap to measure "
                                  f"between them; use --gap_loc loc1 (the fused tokens, the distilled ones) or loc2")
             gap_folder = cfg.out_dir or os.path.dirname(os.path.abspath(cfg.ckpt))
             os.makedirs(gap_folder, exist_ok=True)
             if not os.access(gap_folder, os.W_OK):
-                raise SystemExit(f"evaluate.py: --modality_gap writes into {gap_folder}, which you cannot write "
+                raise UsageError(f"--modality_gap writes into {gap_folder}, which you cannot write "
                                  f"to: pass --out_dir")
         results = {}
         for split in [cfg.split] if cfg.split else data.DATASETS[name].eval_splits:
@@ -394,4 +409,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

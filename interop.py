@@ -18,11 +18,13 @@ import torch
 
 import qrnet
 from model import GroundingModel, ModelConfig, read_checkpoint, rename_keys
+from runtime import UsageError
 
 
 def official_visual_checkpoint(visual_init: str, backbone: str, detr: str, checkpoint_dir: str) -> str:
     """Where the paper's visual initialisation lives: TransVG's DETR (visual_init='detr') or QRNet's Mask R-CNN
-    Swin-S ('mask_rcnn') for the data set whose detector is `detr`, under checkpoint_dir; a clear error if missing."""
+    Swin-S ('mask_rcnn') for the data set whose detector is `detr`, under checkpoint_dir; a UsageError saying where to
+    get it if missing."""
     if visual_init == "detr":
         depth = "r101" if backbone == "resnet101" else "r50"
         path = os.path.join(checkpoint_dir, f"detr-{depth}-{detr}.pth")
@@ -33,7 +35,7 @@ def official_visual_checkpoint(visual_init: str, backbone: str, detr: str, check
         what = ("a Mask R-CNN Swin-S (RefCOCO family: QRNet's, on the Google Drive its README links; ReferIt and "
                 "Flickr: Swin-Transformer-Object-Detection's release)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the paper initialises the visual branch from {what}. Put it "
+        raise UsageError(f"{path} not found: the paper initialises the visual branch from {what}. Put it "
                                 f"there, point --checkpoint_dir at it, or pass --visual_init "
                                 f"{'imagenet|' * (visual_init == 'detr')}random|<path>.")
     return path
@@ -58,7 +60,7 @@ def load_model(path: str, map_location: str | torch.device = "cpu", ckpt: dict |
     if kind == "ours":
         return GroundingModel.from_checkpoint(path, map_location, ckpt)
     if kind not in ("qrnet", "transvg"):
-        raise ValueError(f"{path}: neither our checkpoint (no 'model_config') nor TransVG's or QRNet's (no 'model' "
+        raise UsageError(f"{path}: neither our checkpoint (no 'model_config') nor TransVG's or QRNet's (no 'model' "
                          f"dict with vl_pos_embed.weight)")
     sd, is_qrnet = ckpt["model"], kind == "qrnet"
     try:

@@ -26,6 +26,9 @@ Differences from the official code, all numerically neutral (checked against it:
 
 import argparse
 import math
+import os
+import pickle
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +39,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from transformers import BertConfig, BertModel
 
 import qrnet
+from runtime import UsageError
 
 # -----------------------------------------------------------------------------
 # config
@@ -80,7 +84,7 @@ class ModelConfig:
                 ("max_query_len", self.max_query_len >= 2, ">= 2 ([CLS] and [SEP])"),
                 ("text_init", self.text_init in ("pretrained", "random"), "pretrained or random")]:
             if not ok:
-                raise ValueError(f"--{name}: expected {expected}, got {getattr(self, name)!r}")
+                raise UsageError(f"--{name}: expected {expected}, got {getattr(self, name)!r}")
 
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -347,7 +351,7 @@ def resolve_text_config(cfg: ModelConfig, vocab_size: int | None = None) -> Mode
 def check_text_length(cfg: ModelConfig, positions: int) -> None:
     """max_query_len tokens must fit BERT's position table (512 for bert-base): refused before anything runs."""
     if cfg.max_query_len > positions:
-        raise ValueError(f"--max_query_len {cfg.max_query_len} is more than the text encoder {cfg.text_encoder!r} "
+        raise UsageError(f"--max_query_len {cfg.max_query_len} is more than the text encoder {cfg.text_encoder!r} "
                          f"holds: its position table has {positions} rows")
 
 
@@ -378,17 +382,29 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 # checkpoints: reading safely, renaming keys, DETR and ResNet initialisation
 
 
-def read_checkpoint(path: str) -> dict:
-    """torch.load with weights_only=True; argparse.Namespace (pickled by DETR/TransVG) is the one class allowed."""
+def read_checkpoint(path: str, flag: str = "") -> dict:
+    """torch.load with weights_only=True; argparse.Namespace (pickled by DETR/TransVG) is the one class allowed.
+    A file that is missing, not a checkpoint, or holds other Python objects is a UsageError naming it (after
+    `flag`, the option that gave it, e.g. "--resume"): one line, without torch's advice to unpickle it anyway."""
+    what = f"{flag} {path}" if flag else path
+    if not os.path.isfile(path):
+        raise UsageError(f"{what}: no such checkpoint file" if not os.path.isdir(path) else
+                         f"{what} is a folder; give the checkpoint file in it (e.g. {os.path.join(path, 'last.pt')})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file not found: {path}") from None
-    except Exception as e:  # UnpicklingError, zip errors, truncated files
-        raise ValueError(f"{path}: not a readable checkpoint with plain data only ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:  # torch's text: a paragraph on weights_only, then "WeightsUnpickler error: "
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise UsageError(f"{what}: holds a Python object of class {found[1]}, not only tensors and plain data; it is "
+                         f"never unpickled (that could run any code)" if found else
+                         f"{what}: not a PyTorch checkpoint (torch.load cannot read it)") from None
+    except Exception as e:  # zip errors, or whatever torch's unpickler trips on in bytes that are no pickle
+        damaged = "zip archive" in str(e)  # torch.save's format is a zip: a truncated or partly copied file
+        raise UsageError(f"{what}: not a PyTorch checkpoint (torch.load cannot read it)" if not damaged else
+                         f"{what}: a damaged PyTorch checkpoint (torch.load cannot read its zip archive: truncated, or "
+                         f"partly copied?)") from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+        raise UsageError(f"{what}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])
     return ckpt

@@ -2,14 +2,17 @@
 
 Contents
   command line   parse_config: typed dataclasses -> flags (--key value or --key=value), presets (the recipes),
-                 --help from each field's trailing comment
-  devices        DeviceEnv, setup_device (cuda > mps > cpu; torchrun with NCCL on GPUs, gloo on CPUs), print0
+                 --help from each field's trailing comment; UsageError and cli: a user's mistake is one message,
+                 exit status 2, no traceback (a bug in the program keeps its traceback)
+  devices        DeviceEnv, check_device, setup_device (cuda > mps > cpu; torchrun with NCCL on GPUs, gloo on CPUs),
+                 print0
   across ranks   sync_buffers, average_gradients, rng_states / restore_rng, save_training_state /
                  load_training_state (exact resume), merge_resumed (--resume's configs)
   data order     EpochSeeded, epoch_indices: which samples, with which augmentation, a rank sees at a step
   precision      amp_dtype, autocast_for: bf16/fp16 autocast on CUDA only, fp32 elsewhere (house rule R6)
   files          save_atomic (checkpoints never half-written, disk full said so), lock_run_dir (one run per
-                 folder), holds_run, claim_run_dir (a run never overwrites another), git_sha
+                 folder), holds_run, check_run_dir / claim_run_dir (a run never overwrites another), find_pretrained
+                 (a transformers model on disk or in the Hugging Face cache, asked of the hub once), git_sha
 
 Why not transformers.HfArgumentParser: it takes help texts only from field(metadata={"help": ...}), which would
 double the length of every config class and move the help away from the one-line comments the house style asks
@@ -40,6 +43,28 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 # -----------------------------------------------------------------------------
+# user errors: one message, exit status 2
+
+
+class UsageError(ValueError):
+    """The user asked for something impossible (a flag's value, a file, a folder): the message names it and says
+    what to do. cli() prints it alone; any other exception is a bug and keeps its traceback. A ValueError, so that
+    the configs' __post_init__ checks (check_fields) are usage errors for parse_config too."""
+
+
+def cli(main) -> None:
+    """Run a script's main() from the command line: a UsageError is printed once (by rank 0 under torchrun; every
+    rank stops) as `error: <message>`, and the exit status is 2, as for a bad flag. main(argv) itself raises, so
+    tests call it directly."""
+    try:
+        main()
+    except UsageError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
 # command line from dataclasses
 
 
@@ -66,7 +91,7 @@ def parse_config(argv: list[str] | None, types: list[type], presets=None, descri
     owner = {f.name: cls for cls in types for f in dataclasses.fields(cls)}
 
     def build(add_help: bool) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(description=description, allow_abbrev=False, add_help=add_help,
+        parser = _Parser(description=description, allow_abbrev=False, add_help=add_help,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         for cls in types:
             comments = field_comments(cls)
@@ -89,12 +114,20 @@ def parse_config(argv: list[str] | None, types: list[type], presets=None, descri
         parser.error(str(e))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # under torchrun, rank 0 alone says it (every rank exits with status 2)
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_fields(cfg, rules: list[tuple[str, bool, str]]) -> None:
     """For a config's __post_init__: rules are (field, ok, what is expected); the first broken one raises
-    ValueError("--field: expected ..., got <value>"), which parse_config turns into a usage error."""
+    UsageError("--field: expected ..., got <value>"), which parse_config reports with the usage line."""
     for name, ok, expected in rules:
         if not ok:
-            raise ValueError(f"--{name}: expected {expected}, got {getattr(cfg, name)!r}")
+            raise UsageError(f"--{name}: expected {expected}, got {getattr(cfg, name)!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -114,11 +147,26 @@ class DeviceEnv:
         return self.rank == 0
 
 
+def check_device(device: str, local_rank: int = 0) -> None:
+    """--device names one this machine has (torch's own error would come later, as a traceback about drivers)."""
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA GPU that torch can use (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}); pass --device cpu (or auto)")
+    if kind == "cuda" and local_rank >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: process {local_rank} of this node needs GPU {local_rank}, but the "
+                         f"machine has {torch.cuda.device_count()}; start at most that many (--nproc_per_node)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: Apple's MPS is not available on this machine; pass --device cpu "
+                         f"(or auto)")
+
+
 def setup_device(device: str = "auto") -> DeviceEnv:
-    """Pick the device (cuda > mps > cpu unless told) and, under torchrun, join the process group:
-    NCCL on CUDA, gloo on CPU (so a 2-process CPU run works on a laptop)."""
+    """Pick the device (cuda > mps > cpu unless told; one this machine lacks is a UsageError) and, under torchrun,
+    join the process group: NCCL on CUDA, gloo on CPU (so a 2-process CPU run works on a laptop)."""
     ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # set by torchrun
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    check_device(device, local_rank)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
@@ -147,10 +195,10 @@ def amp_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
     CUDA only; auto = bf16 on GPUs that support it (Ampere and later), fp32 elsewhere."""
     name = DTYPE_ALIASES.get(dtype, dtype)
     if name != "auto" and name not in DTYPES:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16 (or fp32, bf16, fp16), got {dtype!r}")
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16 (or fp32, bf16, fp16), got {dtype!r}")
     if device.type != "cuda":
         if name in ("bfloat16", "float16"):
-            raise ValueError(f"--dtype {dtype} needs CUDA: on {device.type} everything runs in float32")
+            raise UsageError(f"--dtype {dtype} needs CUDA: on {device.type} everything runs in float32")
         return None
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
@@ -250,7 +298,7 @@ def merge_resumed(configs: list, saved: list[dict], given: set[str], may_change:
 
     changed = sorted(k for k in given - may_change if k in new and not same(k))
     if changed:
-        raise ValueError(f"{what}: {', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in changed)}: a resumed run "
+        raise UsageError(f"{what}: {', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in changed)}: a resumed run "
                          f"continues its checkpoint's run, so only {sorted(may_change)} may change; start a new run "
                          f"(--out_dir) to change the rest")
     return [dataclasses.replace(o, **{k: new[k] for k in given & set(dataclasses.asdict(o)) if k in may_change})
@@ -330,6 +378,46 @@ def holds_run(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES)
 
 
+def lock_holder(folder: str) -> str | None:
+    """The pid of the run that holds folder's lock (lock_run_dir), or None; creates nothing."""
+    try:
+        lock = open(os.path.join(folder, ".lock"))
+    except OSError:  # no lock file (or no folder): no run has ever held it
+        return None
+    with lock:
+        try:  # taken for an instant and given back when the file closes
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "unknown"
+    return None
+
+
+def check_run_dir(out_dir: str, resume: str = "", overwrite: bool = False, locked: bool = False) -> None:
+    """The refusals of claim_run_dir, checked without creating or locking anything (a command that is refused
+    leaves no folder behind): out_dir must be a folder we can make, hold no run (unless resumed from or
+    overwritten) and be in use by no other run (locked: this process holds its lock)."""
+    if not out_dir:
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out_dir {out_dir} is a file, not a folder: pass another --out_dir")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):  # the folder that makedirs would create everything in
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out_dir {out_dir}: cannot create or write it ({parent} is "
+                         f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}); pass another --out_dir")
+    holder = None if locked else lock_holder(out_dir)
+    if holder is not None:
+        raise UsageError(f"--out_dir {out_dir} is in use by another run (pid {holder}); wait for it to finish, or "
+                         f"pass another --out_dir")
+    resuming_here = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out_dir)
+    if holds_run(out_dir) and not resuming_here and not overwrite:
+        found = ", ".join(f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f)))
+        raise UsageError(f"--out_dir {out_dir} holds a run ({found}): pass --resume "
+                         f"{os.path.join(out_dir, 'last.pt')} to continue it, --overwrite to delete it and start over, "
+                         f"or another --out_dir")
+
+
 def lock_run_dir(folder: str):
     """Create folder and hold an exclusive lock on it for as long as the returned file stays open (the OS drops
     it when the process dies, even by kill -9), so two runs never write one folder; a second run is refused with
@@ -342,8 +430,8 @@ def lock_run_dir(folder: str):
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise RuntimeError(f"{folder} is in use by another run (pid {holder}); wait for it to finish, or pass "
-                           f"another --out_dir") from None
+        raise UsageError(f"--out_dir {folder} is in use by another run (pid {holder}); wait for it to finish, or "
+                         f"pass another --out_dir") from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
@@ -357,12 +445,13 @@ def lock_run_dir(folder: str):
 def claim_run_dir(out_dir: str, default: str, resume: str, overwrite: bool, env: DeviceEnv):
     """The run's folder and rank 0's lock on it, held for the whole run (every rank gets the path). A folder that
     holds a run is never written over by accident: resume (from a checkpoint in it) continues it, overwrite
-    deletes it first, anything else is refused; with no out_dir, the first of default, default_2, ... that holds
-    no run and is not in use. Returns (folder, lock: close it when the run ends)."""
+    deletes it first, anything else is refused (check_run_dir, which the scripts also call before they build
+    anything; here again, under the lock, for a run that started in between); with no out_dir, the first of
+    default, default_2, ... that holds no run and is not in use. Returns (folder, lock: close it when the run ends)."""
     lock = None
     if env.is_master and not out_dir:
         for out_dir in itertools.chain([default], (f"{default}_{n}" for n in itertools.count(2))):
-            with contextlib.suppress(RuntimeError):  # in use by another run: try the next one
+            with contextlib.suppress(UsageError):  # in use by another run: try the next one
                 lock = None if holds_run(out_dir) else lock_run_dir(out_dir)
             if lock is not None:
                 break
@@ -370,14 +459,13 @@ def claim_run_dir(out_dir: str, default: str, resume: str, overwrite: bool, env:
             print0(f"{default} holds an earlier run: this one goes to {out_dir}")
     elif env.is_master:
         lock = lock_run_dir(out_dir)
+        try:
+            check_run_dir(out_dir, resume, overwrite, locked=True)
+        except UsageError:
+            lock.close()
+            raise
         resuming_here = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out_dir)
-        if holds_run(out_dir) and not resuming_here:
-            if not overwrite:
-                lock.close()
-                found = ", ".join(f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f)))
-                raise FileExistsError(f"--out_dir {out_dir} holds a run ({found}): pass --resume "
-                                      f"{os.path.join(out_dir, 'last.pt')} to continue it, --overwrite to delete it "
-                                      f"and start over, or another --out_dir")
+        if overwrite and holds_run(out_dir) and not resuming_here:
             for name in os.listdir(out_dir):
                 if name in RUN_FILES or name.endswith(".teacher"):
                     os.remove(os.path.join(out_dir, name))
@@ -387,6 +475,37 @@ def claim_run_dir(out_dir: str, default: str, resume: str, overwrite: bool, env:
         dist.broadcast_object_list(shared, src=0)
         out_dir = shared[0]
     return out_dir, lock
+
+
+def is_hub_name(name: str) -> bool:
+    """A Hugging Face hub name (bert-base-uncased, openai/clip-vit-base-patch16) rather than a path, if nothing is
+    there on disk; transformers decides so too."""
+    return not os.path.exists(name) and not (os.path.isabs(name) or name.startswith(".") or name.count("/") > 1)
+
+
+def find_pretrained(name: str, filename: str = "config.json", hub_timeout: float = 5.0) -> str | None:
+    """Why transformers could not load the model `name` (a local folder, or a hub name), or None if it can: a folder
+    must hold `filename`; a hub name is looked up in the local Hugging Face cache first, then asked of the hub once,
+    with a short timeout (transformers itself retries for about a minute before it gives up)."""
+    if os.path.isdir(name):
+        return None if os.path.isfile(os.path.join(name, filename)) else f"the folder {name} holds no {filename}"
+    if not is_hub_name(name):
+        return f"no folder {name}"
+    import huggingface_hub  # imported here: importing runtime.py stays cheap
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, filename), str):
+        return None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "not in the local Hugging Face cache, and the hub is off (HF_HUB_OFFLINE)"
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(name, filename), timeout=hub_timeout)
+    except EntryNotFoundError:
+        return f"the hub's {name} has no {filename}"
+    except RepositoryNotFoundError:
+        return "no such model on the Hugging Face hub (or it is private: log in with `hf auth login`)"
+    except Exception as e:  # no network, proxy, timeout: whatever it is, the hub could not be reached
+        return f"not in the local Hugging Face cache and the hub could not be reached ({type(e).__name__})"
+    return None
 
 
 def git_sha() -> str:

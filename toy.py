@@ -39,7 +39,7 @@ import shapes
 import transforms
 from clip_teacher import CLIPTeacher, save_random_clip
 from model import DETR_PREFIXES, GroundingModel, ModelConfig, read_checkpoint, rename_keys
-from runtime import DeviceEnv, parse_config, print0
+from runtime import DeviceEnv, UsageError, cli, parse_config, print0
 
 # -----------------------------------------------------------------------------
 # the laptop preset
@@ -196,7 +196,8 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
 def build_toy_teacher(cfg: ToyCLIPConfig) -> dict:
     """The synthetic world's train/val splits as the student sees them, then train_toy_clip."""
     if os.path.exists(cfg.out_dir):  # refused before minutes of training, not at the final move
-        raise FileExistsError(f"{cfg.out_dir} exists; delete it to build a new toy CLIP there, or give --out_dir")
+        raise UsageError(f"--out_dir {cfg.out_dir} exists; delete it to build a new toy CLIP there, or give another "
+                         f"--out_dir")
     with tempfile.TemporaryDirectory() as vocab_dir:  # the samples carry BERT ids too, which the teacher ignores
         data.write_shapes_vocab(vocab_dir)
         tokenizer = data.load_tokenizer(vocab_dir)
@@ -276,7 +277,7 @@ def build_toy_detr(cfg: ToyDETRConfig, mcfg: ModelConfig, tokenizer) -> dict:
     canvases, as DETR is trained on COCO before TransVG starts from it, and save it in DETR's checkpoint layout.
     The head (one linear layer per token) is thrown away, like DETR's decoder."""
     if os.path.exists(cfg.path):
-        raise FileExistsError(f"{cfg.path} exists; delete it to build a new toy DETR there")
+        raise UsageError(f"{cfg.path} exists; delete it to build a new toy DETR there")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     tiny_text = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 8,
@@ -374,29 +375,63 @@ class CachedVisual(torch.utils.data.Dataset):
 def prepare_world(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None, teacher_steps: int,
                   detr_steps: int, env: DeviceEnv) -> None:
     """Make what a shapes run loads but nobody can download, once, by rank 0; later runs reuse it: the world's BERT
-    vocabulary, its toy CLIP teacher (teacher None: no distillation) and its toy DETR (when --visual_init names a
-    missing file). Only at the preset's paths or at absolute ones: a hub name such as
-    openai/clip-vit-base-patch16 must never become a local folder of toy files."""
-    def ours(path: str, *presets: str) -> bool:
-        return not os.path.exists(path) and (path in presets or os.path.isabs(path))
+    vocabulary, its toy CLIP teacher (teacher None: no distillation) and its toy DETR (visual_init a file path).
+    Only at the presets' own paths (TOY_PATHS): a path the user typed is used as it is or refused (not_built_here),
+    never filled with toy files, and a hub name such as openai/clip-vit-base-patch16 never becomes a folder."""
+    wanted, detr = toy_configs(mcfg, dcfg, teacher, teacher_steps, detr_steps)
+    given = {"text_encoder": mcfg.text_encoder, "teacher": teacher, "visual_init": None if detr is None else detr.path}
+    refused = [f"--{flag} {path}: no such {'file' if flag == 'visual_init' else 'folder'}; {how}"
+               for flag, path in given.items() if path is not None and (flag == "visual_init" or os.path.isabs(path))
+               for how in [not_built_here(flag, path, mcfg, dcfg, teacher_steps)] if how]
+    if refused:  # train.check_inputs says so (and of relative ones, which may be hub names) before a run starts
+        raise UsageError("\n".join(refused))
 
-    wanted = None if teacher is None else ToyCLIPConfig(out_dir=teacher, steps=teacher_steps, imsize=mcfg.imsize,
-                                                         shapes_image_size=dcfg.shapes_image_size)
-    detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else ToyDETRConfig(
-        path=mcfg.visual_init, steps=detr_steps, train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
-        shapes_image_size=dcfg.shapes_image_size, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
-    if env.is_master and ours(mcfg.text_encoder, PRESET["text_encoder"]):
+    def build_here(flag: str) -> bool:
+        return env.is_master and given[flag] is not None and not os.path.exists(given[flag]) and \
+            given[flag] in TOY_PATHS[flag]
+
+    if build_here("text_encoder"):
         print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
-    if env.is_master and wanted is not None and ours(teacher, PRESET["teacher"], QRNET_PRESET["teacher"]):
+    if build_here("teacher"):
         print0(f"no CLIP teacher at {teacher}: training the synthetic world's toy CLIP first "
                f"(python toy.py does the same)")
         build_toy_teacher(wanted)
-    if env.is_master and detr is not None and ours(detr.path, PRESET["visual_init"]):
+    if build_here("visual_init"):
         print0(f"no visual branch at {detr.path}: pretraining the synthetic world's toy DETR first")
         build_toy_detr(detr, mcfg, data.load_tokenizer(mcfg.text_encoder))
     if env.ddp:
         torch.distributed.barrier()
     check_world_files(mcfg.text_encoder, wanted, detr)
+
+
+def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None, teacher_steps: int,
+                detr_steps: int) -> tuple["ToyCLIPConfig | None", "ToyDETRConfig | None"]:
+    """The toy CLIP and toy DETR a shapes run asks for (None: it uses none), as check_world_files compares them."""
+    wanted = None if teacher is None else ToyCLIPConfig(out_dir=teacher, steps=teacher_steps, imsize=mcfg.imsize,
+                                                         shapes_image_size=dcfg.shapes_image_size)
+    detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else ToyDETRConfig(
+        path=mcfg.visual_init, steps=detr_steps, train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
+        shapes_image_size=dcfg.shapes_image_size, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
+    return wanted, detr
+
+
+# The only paths prepare_world builds toy models at, when they are missing: the presets' own
+TOY_PATHS = {"text_encoder": (PRESET["text_encoder"],), "teacher": (PRESET["teacher"], QRNET_PRESET["teacher"]),
+             "visual_init": (PRESET["visual_init"],)}
+
+
+def not_built_here(flag: str, path: str, mcfg: ModelConfig, dcfg: data.DataConfig, teacher_steps: int) -> str | None:
+    """For a path given to --text_encoder, --teacher or --visual_init (flag) on the synthetic world that does not
+    exist: what to do instead, since prepare_world builds nothing there. None when it exists or is a preset's."""
+    if os.path.exists(path) or path in TOY_PATHS[flag]:
+        return None
+    return {"text_encoder": f"the synthetic world's vocabulary is written on first use to {PRESET['text_encoder']} "
+                            f"only; leave --text_encoder out to use it, or give a folder that holds a vocab.txt",
+            "teacher": f"toy CLIPs are built on first use at {' and '.join(TOY_PATHS['teacher'])} only; to build "
+                       f"one at {path} on purpose: python toy.py --out_dir {path} --steps {teacher_steps} --imsize "
+                       f"{mcfg.imsize} --shapes_image_size {dcfg.shapes_image_size}",
+            "visual_init": f"the toy DETR is built on first use at {PRESET['visual_init']} only; leave --visual_init "
+                           f"out to use it, or pass random or a checkpoint that exists"}[flag]
 
 
 def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None, detr: ToyDETRConfig | None = None) -> None:
@@ -407,7 +442,7 @@ def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None, detr: To
     if vocab.exists() and not (Path(text_encoder) / "config.json").exists():  # a real BERT folder has one
         missing = sorted(set(shapes.WORDS) - set(vocab.read_text().split()))
         if missing:  # e.g. written by an older version of the world: its new words would all be [UNK]
-            raise ValueError(f"{vocab} lacks words the synthetic world says ({', '.join(missing[:5])}); delete "
+            raise UsageError(f"{vocab} lacks words the synthetic world says ({', '.join(missing[:5])}); delete "
                              f"{text_encoder} to have it rewritten")
     record = None if teacher is None else Path(teacher.out_dir) / "metrics.json"
     if record is not None and record.exists():
@@ -425,7 +460,7 @@ def _same_settings(what: str, built: dict, wanted, skip: str, fix: str) -> None:
     diff = [f"{k} {built.get(k)!r} (this run: {v!r})" for k, v in asdict(wanted).items()
             if k != skip and built.get(k) != v]
     if diff:
-        raise ValueError(f"{what} was built with other settings: {'; '.join(diff)}. {fix}")
+        raise UsageError(f"{what} was built with other settings: {'; '.join(diff)}. {fix}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -434,4 +469,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -7,11 +7,15 @@
     python train.py --dataset refcoco --distill none             # the TransVG baseline ("w/o" rows)
     torchrun --nproc_per_node=8 train.py --dataset refcoco --backbone swin_s_qrnet   # QRNet as the student
     python train.py --resume out/refcoco/last.pt                 # continue exactly where it stopped
+    python train.py --resume out/refcoco/last.pt --epochs 120    # train a run longer (the lr follows 120 epochs)
+    python train.py --dataset refcoco --dry_run                  # only check that every input is in place
 
 Every field of TrainConfig, DataConfig and ModelConfig is a flag (--key value or --key=value; --help lists them).
-Per-dataset presets (PRESETS) hold the paper's recipe; flags override them. train() reads top to bottom: config,
-device, data, model, teacher, optimizer, resume, loop. Checkpoints are plain data (weights_only=True loads them),
-hold the student only (the teacher is stored by name), and are written atomically by rank 0.
+Per-dataset presets (PRESETS) hold the paper's recipe; flags override them. Before anything is built, downloaded or
+written, check_inputs checks every flag and input the run needs and reports all that are wrong in one message (exit
+status 2). train() reads top to bottom: config, device, data, model, teacher, optimizer, resume, loop. Checkpoints
+are plain data (weights_only=True loads them), hold the student only (the teacher is stored by name), and are written
+atomically by rank 0.
 
 References: EpmVG paper sec. 4.2; TransVG (github.com/djiajunustc/TransVG @ c862427) train.py and engine.py.
 """
@@ -31,19 +35,22 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import BertConfig
 
 import data
 import interop
 import qrnet
 import runtime
+import shapes
 import toy
 import transforms
 from clip_teacher import CLIPTeacher
 from evaluate import evaluate, print_table
 from interop import checkpoint_kind
 from losses import distill_loss, total_loss
-from model import GroundingModel, ModelConfig, count_parameters, read_checkpoint, resolve_text_config
-from runtime import DeviceEnv, check_fields, print0
+from model import (GroundingModel, ModelConfig, check_text_length, count_parameters, read_checkpoint,
+                   resolve_text_config)
+from runtime import DeviceEnv, UsageError, check_fields, print0
 
 FORMAT_VERSION = 2  # 2: the data flags moved from train_config to data_config
 
@@ -96,6 +103,7 @@ class TrainConfig:
     channels_last: bool = False  # channels_last memory format for the ResNet (faster with bf16 on GPUs)
     num_workers: int = 4  # data loader processes per device
     seed: int = 13  # base seed; rank r uses seed + r (TransVG: 13)
+    dry_run: bool = False  # only check the flags and that every input is in place (check_inputs); write nothing
 
     def __post_init__(self) -> None:  # refused when the flags are read, not after minutes of loading
         check_fields(self, [
@@ -276,28 +284,33 @@ def save_checkpoint(name: str, step: int, best: float, *, model: GroundingModel,
 
 # What a resumed run may change: where and how fast it runs, when it stops and evaluates. Anything else would make
 # it a different run than the one it continues.
+# --epochs may grow: the lr is a pure function of the step (lr_factor), so the run goes on with the longer schedule.
 RESUME_MAY_CHANGE = {"resume", "max_steps", "out_dir", "device", "dtype", "compile", "channels_last", "num_workers",
-                     "micro_batch", "eval_every", "eval_batch", "final_eval", "checkpoint_dir", "save_every"}
+                     "micro_batch", "eval_every", "eval_batch", "final_eval", "checkpoint_dir", "save_every", "epochs",
+                     "dry_run"}
 
 
 def resume_configs(configs: list, argv: list[str]) -> list:
     """--resume continues the checkpoint's run: its configs, with the flags given now on top if they may change.
     configs: [TrainConfig, DataConfig, ModelConfig] as parsed; returns the same three, resumed."""
     path = configs[0].resume
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, "--resume")
     if "train_config" not in ckpt:
         what = {"qrnet": "an official QRNet checkpoint", "transvg": "an official TransVG checkpoint",
                 "detr": "a DETR checkpoint"}.get(checkpoint_kind(ckpt), "a model without its training state")
-        raise ValueError(f"--resume {path}: {what}, not a last.pt of train.py, so there is no run to continue. "
+        raise UsageError(f"--resume {path}: {what}, not a last.pt of train.py, so there is no run to continue. "
                          f"Evaluate it with `python evaluate.py --ckpt {path}`, or start a new run from its visual "
                          f"branch with --visual_init {path}")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"--resume {path}: written by a train.py of format {ckpt.get('format_version')} (git "
+        raise UsageError(f"--resume {path}: written by a train.py of format {ckpt.get('format_version')} (git "
                          f"{ckpt.get('git_sha', 'unknown')}); this one resumes format {FORMAT_VERSION}. Resume it "
                          f"with the code it was written by, or evaluate it with evaluate.py --ckpt")
     saved = [ckpt[key] for key in ("train_config", "data_config", "model_config")]
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     cfg, dcfg, mcfg = runtime.merge_resumed(configs, saved, given, RESUME_MAY_CHANGE, f"--resume {path}")
+    if cfg.epochs < saved[0]["epochs"]:
+        raise UsageError(f"--epochs {cfg.epochs}: the run of --resume {path} is {saved[0]['epochs']} epochs long; a "
+                         f"resumed run can train longer, not shorter (--max_steps stops it early)")
     if "out_dir" not in given:  # the run goes on where its checkpoint is, wherever the folder has moved since
         cfg = replace(cfg, out_dir=os.path.dirname(path) or ".")
     return [cfg, dcfg, mcfg]
@@ -314,10 +327,112 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         configs = resume_configs(configs, argv)
     env = runtime.setup_device(configs[0].device)
     try:
+        to_build = check_inputs(*configs, env)  # every refusal comes here, before a file is written
+        if configs[0].dry_run:
+            print0("all inputs found" + "".join(f"; {note}" for note in to_build) + " (--dry_run: nothing written)")
+            return {}
         return run(*configs, env)[0]
     finally:
         if env.ddp:
             dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# before the run: everything it needs, checked at once
+
+
+def check_inputs(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: DeviceEnv) -> list[str]:
+    """Everything that can be checked before anything is built, downloaded or written: the flags against each other
+    and this machine, the checkpoint to resume, every file and model the run will read (local ones on disk, hub
+    names in the Hugging Face cache, the hub asked once) and the out_dir. Raises one UsageError listing every
+    problem, with what to do for each, on every rank (rank 0's list: it alone claims the out_dir). Returns what the
+    run will build first (the synthetic world's toy models at the presets' paths)."""
+    problems, to_build, shapes_run = [], [], dcfg.dataset == "shapes"
+
+    def check(fn, *args) -> None:  # a function that raises UsageError: its message joins the list
+        try:
+            fn(*args)
+        except UsageError as e:
+            problems.append(str(e))
+
+    # flags against each other and this machine (the device itself: runtime.setup_device)
+    per_step = cfg.micro_batch * env.world_size
+    if cfg.batch_size % per_step:
+        problems.append(f"--batch_size {cfg.batch_size}: must be a multiple of micro_batch x processes = "
+                        f"{cfg.micro_batch} x {env.world_size}; change --batch_size or --micro_batch")
+    check(runtime.amp_dtype, env.device, cfg.dtype)
+    if cfg.cache_visual and mcfg.backbone in qrnet.SWIN_SIZES:
+        problems.append("--cache_visual: QRNet's visual branch depends on the expression, so it cannot be cached")
+    for flag in ("train_split", "eval_split"):
+        if getattr(cfg, flag) not in data.DATASETS[dcfg.dataset].splits:
+            problems.append(f"--{flag} {getattr(cfg, flag)}: {dcfg.dataset} has no such split; valid: "
+                            f"{', '.join(data.DATASETS[dcfg.dataset].splits)}")
+    if shapes_run and cfg.train_split in shapes.SPLITS:  # a real split's size: data.missing_inputs reads no file
+        flag = "shapes_train_size" if cfg.train_split == "train" else "shapes_eval_size"
+        n = getattr(dcfg, flag) or shapes.SPLITS[cfg.train_split][1]
+        if n < cfg.batch_size:
+            problems.append(f"--{flag} {n}: fewer training samples than one batch (--batch_size {cfg.batch_size}); "
+                            f"give at least {cfg.batch_size}, or a smaller --batch_size")
+    if mcfg.text_init == "random" and mcfg.text_config is not None:  # a pretrained BERT's: read with it, below
+        check(check_text_length, mcfg, mcfg.text_config.get("max_position_embeddings", 512))  # BERT's 512
+
+    # what the run reads: every missing one, each with what to do (the README's download steps)
+    if cfg.resume and cfg.teacher_trainable and cfg.distill != "none" and not os.path.isfile(cfg.resume + ".teacher"):
+        problems.append(f"--resume {cfg.resume}: the trained teacher beside it ({cfg.resume}.teacher) is missing; "
+                        f"copy it there with the checkpoint")
+    models = [("text_encoder", mcfg.text_encoder, ["vocab.txt"] + ["config.json"] * (mcfg.text_init == "pretrained"))]
+    if cfg.distill != "none":
+        models.append(("teacher", cfg.teacher, ["config.json"]))
+    for flag, name, files in models:
+        if shapes_run and name in toy.TOY_PATHS[flag] and not os.path.exists(name):
+            to_build.append(f"the synthetic world's {'vocabulary' if flag == 'text_encoder' else 'toy CLIP'} will "
+                            f"be built at {name}")
+            continue
+        why = next((w for w in (runtime.find_pretrained(name, f) for f in files) if w), None)
+        if why:
+            toy_how = toy.not_built_here(flag, name, mcfg, dcfg, cfg.toy_teacher_steps) if shapes_run else None
+            how = (f"where the hub is reachable, `hf download {name}` fills the cache (copy it, and point HF_HOME at "
+                   f"the copy), or save_pretrained it into a folder and pass that (README)" +
+                   (f"; if it is a path: {toy_how}" if toy_how else "") if runtime.is_hub_name(name) else
+                   toy_how or f"give a folder that holds {' and '.join(files)} (or a hub name)")
+            problems.append(f"--{flag} {name}: {why}; {how}")
+    if mcfg.text_init == "pretrained" and not any(f"--text_encoder {mcfg.text_encoder}:" in p for p in problems):
+        with contextlib.suppress(OSError):  # on disk or in the cache: its position table, read without the hub
+            bert = BertConfig.from_pretrained(mcfg.text_encoder, local_files_only=True)
+            check(check_text_length, mcfg, bert.max_position_embeddings)
+    if not cfg.resume:  # a resumed run takes every weight from its checkpoint
+        if mcfg.visual_init in ("detr", "mask_rcnn"):
+            check(interop.official_visual_checkpoint, mcfg.visual_init, mcfg.backbone,
+                  data.DATASETS[dcfg.dataset].detr, cfg.checkpoint_dir)
+        elif mcfg.visual_init not in ("random", "imagenet") and not os.path.isfile(mcfg.visual_init):
+            if shapes_run and mcfg.visual_init in toy.TOY_PATHS["visual_init"]:
+                to_build.append(f"the synthetic world's toy DETR will be built at {mcfg.visual_init}")
+            else:
+                how = toy.not_built_here("visual_init", mcfg.visual_init, mcfg, dcfg, 0) if shapes_run else None
+                problems.append(f"--visual_init {mcfg.visual_init}: no such file; " + (how or "give a DETR, TransVG, "
+                                "QRNet or Mask R-CNN checkpoint, or random (or imagenet for a ResNet)"))
+    splits = {cfg.train_split, cfg.eval_split, *(data.DATASETS[dcfg.dataset].eval_splits if cfg.final_eval else ())}
+    problems += data.missing_inputs(dcfg, [s for s in data.DATASETS[dcfg.dataset].splits if s in splits])
+    if shapes_run and not problems:  # toy models already built: with this run's settings?
+        check(toy.check_world_files, mcfg.text_encoder,
+              *toy.toy_configs(mcfg, dcfg, None if cfg.distill == "none" else cfg.teacher, cfg.toy_teacher_steps,
+                               cfg.toy_detr_steps))
+    if env.is_master:  # where it writes: rank 0 alone looks, as it alone will lock it
+        check(runtime.check_run_dir, cfg.out_dir, cfg.resume, cfg.overwrite)
+    if env.ddp:
+        shared = [problems]
+        dist.broadcast_object_list(shared, src=0)
+        problems = shared[0]
+    if len(problems) == 1:
+        raise UsageError(problems[0])
+    if problems:
+        raise UsageError(f"{len(problems)} problems, found before anything was built or written:\n" +
+                         "\n".join(f"  - {p}" for p in problems) + "\nFix them and run again (--dry_run checks only).")
+    return to_build
+
+
+# -----------------------------------------------------------------------------
+# the run
 
 
 def run(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: DeviceEnv
@@ -344,8 +459,8 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     cfg, mcfg = resolve(cfg, dcfg, mcfg, len(tokenizer))
     configs = {"train_config": asdict(cfg), "data_config": asdict(dcfg), "model_config": asdict(mcfg)}
     per_step = cfg.micro_batch * env.world_size
-    if cfg.batch_size % per_step:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch x world_size = {per_step}")
+    if cfg.batch_size % per_step:  # check_inputs says so first; here for any other caller of run()
+        raise UsageError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch x world_size = {per_step}")
     accum = cfg.batch_size // per_step
 
     # data
@@ -355,7 +470,8 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     eval_set = data.make_dataset(dcfg, cfg.eval_split, tokenizer, train=False, **sizes)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{dcfg.dataset}/{cfg.train_split} has {len(train_set)} samples, fewer than one batch")
+        raise UsageError(f"{dcfg.dataset}/{cfg.train_split} has {len(train_set)} samples, fewer than one batch "
+                         f"(--batch_size {cfg.batch_size})")
     total_steps = min(cfg.max_steps or cfg.epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
 
     # model: the same init on every rank (DDP also broadcasts rank 0's weights). A resumed run takes every weight
@@ -369,7 +485,7 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
         model = model.to(memory_format=torch.channels_last)
     if cfg.cache_visual:  # a frozen visual branch: the optimizer never sees it (QRNet's reads the text: no)
         if model.qrnet:
-            raise ValueError("--cache_visual: QRNet's visual branch depends on the expression, so it cannot be cached")
+            raise UsageError("--cache_visual: QRNet's visual branch depends on the expression, so it cannot be cached")
         for name, p in model.named_parameters():
             p.requires_grad_(p.requires_grad and not name.startswith(toy.VISUAL))
     print0(f"student parameters: {count_parameters(model)}")
@@ -392,6 +508,9 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
                                            sidecar=teacher.model if teacher is not None and teacher.trainable else None)
         step, best = ckpt["step"], ckpt["best_metric"]
         print0(f"resumed from {cfg.resume} at step {step} (epoch {step // steps_per_epoch}), best {best:.2f}")
+        if cfg.epochs != ckpt["train_config"]["epochs"]:
+            print0(f"--epochs {cfg.epochs}: the run, {ckpt['train_config']['epochs']} epochs long so far, continues "
+                   f"to step {total_steps} with the lr schedule of {cfg.epochs} epochs ({cfg.lr_schedule})")
     if cfg.cache_visual:  # after the resume: its weights are the ones to cache
         train_set = runtime.EpochSeeded(toy.CachedVisual(train_set.dataset, model, teacher, widths, env.device),
                                         cfg.seed)
@@ -466,4 +585,4 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
 
 
 if __name__ == "__main__":
-    main()
+    runtime.cli(main)

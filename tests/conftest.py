@@ -2,6 +2,7 @@
 
 Run all tests: python -m pytest -q
 """
+import functools
 import os
 import sys
 
@@ -56,13 +57,16 @@ TINY_CLIP_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layer
 
 
 @pytest.fixture(scope="session")
-def tiny_train_flags():
-    """train.py flags for a seconds-long run on the synthetic world: 64 px, 1+1 layers of width 32."""
-    return _tiny_train_flags
+def tiny_train_flags(tmp_path_factory):
+    """train.py flags for a seconds-long run on the synthetic world: 64 px, 1+1 layers of width 32, the world's
+    vocabulary written once (train.py builds it only at the preset's own path, out/shapes_vocab)."""
+    import data
+    vocab = os.path.dirname(data.write_shapes_vocab(str(tmp_path_factory.mktemp("shapes_vocab"))))
+    return functools.partial(_tiny_train_flags, vocab=vocab)
 
 
-def _tiny_train_flags(out_dir, *extra: str) -> list[str]:
-    return [f"--out_dir={out_dir}", f"--text_encoder={out_dir}/vocab", "--dataset=shapes", "--device=cpu",
+def _tiny_train_flags(out_dir, *extra: str, vocab: str) -> list[str]:
+    return [f"--out_dir={out_dir}", f"--text_encoder={vocab}", "--dataset=shapes", "--device=cpu",
             "--imsize=64", "--shapes_image_size=64", "--hidden_dim=32", "--nheads=2", "--dim_feedforward=64",
             "--enc_layers=1", "--vl_layers=1", "--max_query_len=16",
             '--text_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, '

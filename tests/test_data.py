@@ -14,6 +14,7 @@ from test_transforms import check_box_covers_rectangle, rect_image
 
 import data
 import transforms
+from runtime import UsageError
 
 S = 96  # a small canvas keeps the transform tests fast
 
@@ -61,9 +62,9 @@ def test_encoder_matches_bert_base_vocab_when_installed():
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         data.load_tokenizer(str(tmp_path / "nope"))
-    with pytest.raises(OSError, match="vocab"):  # offline (conftest): transformers returns an empty vocab
+    with pytest.raises(UsageError, match="vocab"):  # offline (conftest): transformers returns an empty vocab
         data.load_tokenizer("no-such-org/no-such-bert")
 
 
@@ -151,10 +152,10 @@ def test_unknown_names_and_missing_folders(tmp_path, word_tok):
         data.make_dataset(data.DataConfig("coco"), "val", word_tok, train=False)
     with pytest.raises(ValueError, match="train, val, trainval, testA, testB"):
         data.make_dataset(data.DataConfig("refcoco"), "test", word_tok, train=False)
-    with pytest.raises(FileNotFoundError, match="Download the TransVG split indices"):
+    with pytest.raises(UsageError, match="Download the TransVG split indices"):
         open_split(tmp_path, "refcoco", "val", word_tok)
     make_split(tmp_path, "refcoco", "val", [("a.jpg", 0, [1, 1, 5, 5], "x", [])])
-    with pytest.raises(FileNotFoundError, match="COCO train2014"):
+    with pytest.raises(UsageError, match="COCO train2014"):
         open_split(tmp_path, "refcoco", "val", word_tok)
 
 

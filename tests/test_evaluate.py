@@ -15,6 +15,8 @@ import evaluate
 import gap
 import train
 from losses import paired_iou_xyxy
+from model import read_checkpoint
+from runtime import UsageError
 
 
 def test_iou_of_exactly_one_half_counts_as_correct():
@@ -98,7 +100,7 @@ def test_vis_writes_valid_pngs_of_the_worst_predictions(checkpoint, tmp_path):
 
 
 def test_single_image_prediction(checkpoint, tmp_path):
-    tok = data.load_tokenizer(str(checkpoint.parent / "vocab"))
+    tok = data.load_tokenizer(read_checkpoint(str(checkpoint))["model_config"]["text_encoder"])
     world = data.make_dataset(data.DataConfig("shapes", shapes_image_size=64), "test", tok, train=False, imsize=64,
                               max_query_len=16)
     image = world.original_image(0)
@@ -110,18 +112,23 @@ def test_single_image_prediction(checkpoint, tmp_path):
     assert 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H
     picture = decode_png(read_file(out["picture"]))  # enlarged to a 480 long side, plus the caption bar
     assert picture.shape[0] == 3 and max(picture.shape[1:]) >= 480
-    with pytest.raises(FileNotFoundError, match="nothing.png"):
+    with pytest.raises(UsageError, match="--image .*nothing.png: no such file"):
         evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--image={tmp_path / 'nothing.png'}", "--text=a"])
 
 
 def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="--ckpt"):
+    with pytest.raises(UsageError, match="--ckpt"):
         evaluate.main([])
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(UsageError, match="--ckpt .*nope.pt: no such checkpoint file"):
         evaluate.main([f"--ckpt={tmp_path / 'nope.pt'}", "--device=cpu"])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="neither our checkpoint"):
+    with pytest.raises(UsageError, match="--ckpt .*other.pt: neither a checkpoint of train.py"):
         evaluate.main([f"--ckpt={tmp_path / 'other.pt'}", "--device=cpu"])
+    (tmp_path / "hostname").write_text("build-machine-7\n")
+    with pytest.raises(UsageError, match=r"^--ckpt .*hostname: not a PyTorch checkpoint \(torch.load cannot read "
+                                         r"it\)$"):
+        evaluate.main([f"--ckpt={tmp_path / 'hostname'}", "--device=cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostname", "other.pt"]  # no vis/ folder, nothing else
 
 
 # -----------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def test_bad_arguments_are_refused_before_anything_is_loaded(argv, message, caps
 
 def test_a_tokenizer_too_big_for_the_checkpoints_text_encoder_is_refused(checkpoint, tmp_path):
     data.write_vocab(str(tmp_path / "big"), [f"w{i}" for i in range(200)])
-    with pytest.raises(SystemExit, match=r"205 tokens but the checkpoint's text encoder embeds \d+"):
+    with pytest.raises(UsageError, match=r"205 tokens but the checkpoint's text encoder embeds \d+"):
         evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", f"--tokenizer={tmp_path / 'big'}"])
 
 
@@ -257,7 +264,7 @@ def test_modality_gap_command_writes_picture_and_numbers(checkpoint, capsys):
     # the numbers are those of the features the model gives at loc1, measured by gap.py
     model = evaluate.load_model(str(checkpoint))
     dcfg = evaluate.run_data_config(evaluate.read_checkpoint(str(checkpoint)), evaluate.EvalConfig())
-    world = data.make_dataset(dcfg, "val", data.load_tokenizer(str(checkpoint.parent / "vocab")), train=False,
+    world = data.make_dataset(dcfg, "val", data.load_tokenizer(model.cfg.text_encoder), train=False,
                               imsize=64, max_query_len=16)
     visual, text = evaluate.collect_features(model, world, torch.device("cpu"), "loc1")
     assert visual.shape == text.shape == (9, 32)
@@ -265,7 +272,7 @@ def test_modality_gap_command_writes_picture_and_numbers(checkpoint, capsys):
 
 
 def test_modality_gap_refuses_a_location_whose_widths_differ_before_writing(checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match="--gap_loc loc3: this checkpoint's visual features there are 32 wide and its "
+    with pytest.raises(UsageError, match="--gap_loc loc3: this checkpoint's visual features there are 32 wide and its "
                                          "text features 64"):
         evaluate.main([f"--ckpt={checkpoint}", "--device=cpu", "--modality_gap", "--gap_loc=loc3",
                        f"--out_dir={tmp_path}"])

@@ -15,6 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_convert, box_iou
 
 from losses import total_loss
 from model import GroundingModel, ModelConfig, example_inputs, read_checkpoint, sine_position_embedding
+from runtime import UsageError
 
 
 @pytest.fixture
@@ -158,7 +159,7 @@ def test_torchvision_resnet_state_dict_initialises_the_backbone(tiny_config, tmp
 
 
 def test_bad_visual_checkpoints_fail_with_clear_messages(tiny_config, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(UsageError, match="nowhere.pth: no such checkpoint file"):
         GroundingModel(tiny_config(visual_init=str(tmp_path / "nowhere.pth")))
     wrong_depth = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), wrong_depth)
@@ -181,7 +182,8 @@ class Payload:  # an arbitrary class: unpickling it would run code we do not tru
 def test_checkpoints_with_arbitrary_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": Payload()}, path)
-    with pytest.raises(ValueError, match="plain data only"):
+    with pytest.raises(UsageError, match=r"evil.pth: holds a Python object of class \S*Payload, not only tensors "
+                                         r"and plain data; it is never unpickled"):
         read_checkpoint(str(path))
 
 

@@ -15,6 +15,7 @@ import train
 from interop import load_model, ours_to_qrnet, qrnet_config, qrnet_to_ours
 from losses import total_loss
 from model import GroundingModel, example_inputs
+from runtime import UsageError
 
 # 4 stages of widths 16/32/64/128 on a 64 px canvas (maps 16, 8, 4, 2), windows of 2 so that stage 1 shifts
 TINY_SWIN = {"embed_dim": 16, "depths": [1, 2, 1, 1], "num_heads": [1, 2, 2, 4], "window_size": 2, "drop_path": 0.1}
@@ -146,11 +147,11 @@ def test_qrnet_recipe_preset_and_mask_rcnn_path(tmp_path):
     cfg, dcfg = train.TrainConfig(checkpoint_dir=str(tmp_path)), data.DataConfig("refcoco")
     mcfg = train.ModelConfig(backbone="swin_s_qrnet", visual_init="mask_rcnn", text_init="random",
                              text_config={"hidden_size": 64})
-    with pytest.raises(FileNotFoundError, match=r"unc_latest.pth not found.*Mask R-CNN Swin-S"):
+    with pytest.raises(UsageError, match=r"unc_latest.pth not found.*Mask R-CNN Swin-S"):
         train.resolve(cfg, dcfg, mcfg, 100)
     (tmp_path / "unc_latest.pth").write_bytes(b"")
     assert train.resolve(cfg, dcfg, mcfg, 100)[1].visual_init == str(tmp_path / "unc_latest.pth")
-    with pytest.raises(FileNotFoundError, match="mask_rcnn_swin_small_patch4_window7.pth"):
+    with pytest.raises(UsageError, match="mask_rcnn_swin_small_patch4_window7.pth"):
         train.resolve(cfg, data.DataConfig("flickr30k"), mcfg, 100)
 
 

@@ -84,7 +84,7 @@ def test_resumed_configs_take_only_the_flags_that_may_change():
     resumed, = merge_resumed([A(lr=0.5, device="cpu", table={"a": 1})], saved, {"device", "table", "lr"},
                              {"device"}, "--resume x")
     assert resumed == A(lr=0.5, device="cpu", table={"a": 1, "b": 2})  # a part of a saved dict given: the same
-    with pytest.raises(ValueError, match=r"--resume x: lr 0.5 -> 2.0"):
+    with pytest.raises(runtime.UsageError, match=r"--resume x: lr 0.5 -> 2.0"):
         merge_resumed([A(lr=2.0)], saved, {"lr"}, {"device"}, "--resume x")
 
 
@@ -151,7 +151,82 @@ def test_a_run_folder_takes_one_run_at_a_time_and_loses_stale_temp_files(tmp_pat
     (tmp_path / "run" / "last.pt.x1y2.tmp").write_bytes(b"half a checkpoint from a killed run")
     lock = runtime.lock_run_dir(str(tmp_path / "run"))
     assert not (tmp_path / "run" / "last.pt.x1y2.tmp").exists()
-    with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+    with pytest.raises(runtime.UsageError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
         runtime.lock_run_dir(str(tmp_path / "run"))
     lock.close()  # what the OS does when the holder dies, even by kill -9
     runtime.lock_run_dir(str(tmp_path / "run")).close()
+
+
+# -----------------------------------------------------------------------------
+# user errors: one message, exit status 2, checked before anything is created
+
+
+def test_cli_says_a_usage_error_once_and_exits_2_but_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    def refused():
+        raise runtime.UsageError("--lr 7: too high")
+
+    with pytest.raises(SystemExit) as info:
+        runtime.cli(refused)
+    assert info.value.code == 2 and capsys.readouterr().err == "error: --lr 7: too high\n"
+    monkeypatch.setenv("RANK", "1")  # under torchrun, rank 0 alone says it; every rank exits
+    with pytest.raises(SystemExit) as info:
+        runtime.cli(refused)
+    assert info.value.code == 2 and capsys.readouterr().err == ""
+
+    def bug():
+        raise KeyError("a bug")
+    with pytest.raises(KeyError):  # not caught: its traceback is what a developer needs
+        runtime.cli(bug)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_device_the_machine_lacks_is_refused_with_what_to_pass():
+    with pytest.raises(runtime.UsageError, match=r"--device cuda: this machine has no CUDA GPU .*; pass --device cpu"):
+        runtime.setup_device("cuda")
+
+
+def test_run_folder_refusals_are_checked_without_creating_anything(tmp_path):
+    runtime.check_run_dir(str(tmp_path / "new" / "run"))  # a folder to be made: fine, and not made yet
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(runtime.UsageError, match="--out_dir .*file is a file, not a folder"):
+        runtime.check_run_dir(str(tmp_path / "file"))
+    with pytest.raises(runtime.UsageError, match="--out_dir .*file/run: cannot create or write it"):
+        runtime.check_run_dir(str(tmp_path / "file" / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_text("x")
+    with pytest.raises(runtime.UsageError, match=r"--out_dir .*run holds a run \(last.pt\): pass --resume"):
+        runtime.check_run_dir(str(tmp_path / "run"))
+    runtime.check_run_dir(str(tmp_path / "run"), resume=str(tmp_path / "run" / "last.pt"))
+    runtime.check_run_dir(str(tmp_path / "run"), overwrite=True)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    lock = runtime.lock_run_dir(str(tmp_path / "run"))
+    try:
+        with pytest.raises(runtime.UsageError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+            runtime.check_run_dir(str(tmp_path / "run"), overwrite=True)
+    finally:
+        lock.close()
+    assert runtime.lock_holder(str(tmp_path / "run")) is None and before == ["last.pt"]
+
+
+def test_find_pretrained_looks_on_disk_then_in_the_cache_then_asks_the_hub_once(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("[PAD]\n")
+    assert runtime.find_pretrained(str(tmp_path / "bert"), "vocab.txt") is None
+    assert runtime.find_pretrained(str(tmp_path / "bert")) == f"the folder {tmp_path / 'bert'} holds no config.json"
+    assert runtime.find_pretrained(str(tmp_path / "typo")) == f"no folder {tmp_path / 'typo'}"
+    assert "hub is off (HF_HUB_OFFLINE)" in runtime.find_pretrained("nobody/no-such-bert")  # conftest: offline
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def unreachable(url, timeout):
+        asked.append(timeout)
+        raise ConnectionError("no route to host")
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    assert runtime.find_pretrained("nobody/no-such-bert") == ("not in the local Hugging Face cache and the hub could "
+                                                              "not be reached (ConnectionError)")
+    assert asked == [5.0]  # once, with a short timeout
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda name, filename: "/cache/config.json")
+    assert runtime.find_pretrained("nobody/no-such-bert") is None and len(asked) == 1  # cached: the hub not asked

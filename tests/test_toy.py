@@ -11,11 +11,13 @@ import torch
 
 import data
 import evaluate
+import runtime
 import toy
 import train
 import transforms
 from clip_teacher import CLIPTeacher
 from model import GroundingModel
+from runtime import UsageError
 from toy import ToyCLIPConfig, build_toy_teacher
 
 TINY_TEACHER = {"steps": 30, "batch_size": 16, "width": 32, "layers": 1, "image_size": 32, "embed_dim": 64,
@@ -42,16 +44,19 @@ def test_default_path_builds_teacher_and_detr_distils_evaluates_and_draws(tmp_pa
     # train.py builds the missing toy teacher with ToyCLIPConfig's defaults; shrink them to CI size
     monkeypatch.setattr(toy, "ToyCLIPConfig",
                         lambda **kw: ToyCLIPConfig(**{**kw, **{k: v for k, v in TINY_TEACHER.items() if k != "steps"}}))
-    teacher, detr = tmp_path / "toy_clip", tmp_path / "toy_detr.pth"  # and the preset's frozen, cached branch
+    # toy models are built only at the preset's own paths (relative: under tmp_path here), never at a typed one
+    monkeypatch.chdir(tmp_path)
+    teacher, detr = toy.PRESET["teacher"], toy.PRESET["visual_init"]  # and the preset's frozen, cached branch
     out = train.main(tiny_train_flags(tmp_path / "run", "--distill=cos", f"--teacher={teacher}",
                                       "--toy_teacher_steps=20", "--epochs=2", f"--visual_init={detr}",
                                       "--toy_detr_steps=3", "--cache_visual=true", "--augment=false"))
+    teacher, detr = tmp_path / teacher, tmp_path / detr
     assert (teacher / "metrics.json").exists() and out["step"] == 6 and out["test_n"] == 9
     assert torch.load(detr, weights_only=True)["toy_config"]["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["train_distill_img"] > 0 and log[0]["train_distill_txt"] > 0
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert ckpt["teacher"]["name"] == str(teacher)
+    assert ckpt["teacher"]["name"] == toy.PRESET["teacher"]  # as given: relative to where the run started
     results = evaluate.main([f"--ckpt={tmp_path / 'run' / 'best.pt'}", "--device=cpu", "--num_workers=0", "--vis=2",
                              f"--out_dir={tmp_path / 'vis'}"])
     assert set(results) == {"val", "test"} and len(list((tmp_path / "vis").glob("*.png"))) == 4
@@ -74,11 +79,27 @@ def test_a_toy_teacher_built_with_other_settings_is_refused_not_reused(tmp_path)
     toy.check_world_files(str(vocab), built)  # the same settings: reused
     with pytest.raises(ValueError, match=r"other settings: steps 30 \(this run: 400\); imsize 64 \(this run: 128\)"):
         toy.check_world_files(str(vocab), dataclasses.replace(built, steps=400, imsize=128))
-    with pytest.raises(FileExistsError, match="clip exists"):  # before any training, not at the final move
+    with pytest.raises(UsageError, match="clip exists"):  # before any training, not at the final move
         build_toy_teacher(built)
     (vocab / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nred\n")
     with pytest.raises(ValueError, match="lacks words the synthetic world says"):
         toy.check_world_files(str(vocab), None)
+
+
+def test_toy_models_are_built_at_the_presets_paths_only_never_at_a_typed_one(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.chdir(tmp_path)
+    env = runtime.DeviceEnv(torch.device("cpu"), False, 0, 0, 1)
+    mcfg = tiny_config(text_encoder=str(tmp_path / "typo" / "vocab"), visual_init=str(tmp_path / "typo" / "detr.pth"))
+    with pytest.raises(UsageError) as info:
+        toy.prepare_world(mcfg, data.DataConfig(), str(tmp_path / "typo" / "clip"), 30, 30, env)
+    assert [line.split(":")[0] for line in str(info.value).splitlines()] == [
+        f"--text_encoder {tmp_path}/typo/vocab", f"--teacher {tmp_path}/typo/clip",
+        f"--visual_init {tmp_path}/typo/detr.pth"]
+    assert f"python toy.py --out_dir {tmp_path}/typo/clip --steps 30 --imsize 64" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing built, not even the folder
+    # the preset's own path: written on first use (distillation off, no DETR: only the vocabulary)
+    toy.prepare_world(tiny_config(text_encoder=toy.PRESET["text_encoder"]), data.DataConfig(), None, 30, 30, env)
+    assert (tmp_path / toy.PRESET["text_encoder"] / "vocab.txt").exists()
 
 
 def test_a_killed_teacher_build_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):
@@ -131,7 +152,7 @@ def test_toy_detr_learns_and_loads_through_visual_init(tmp_path, shapes_tok, tin
     toy.check_world_files(str(tmp_path), None, cfg)  # the same settings: reused
     with pytest.raises(ValueError, match=r"toy DETR .* other settings: steps 40 \(this run: 300\)"):
         toy.check_world_files(str(tmp_path), None, dataclasses.replace(cfg, steps=300))
-    with pytest.raises(FileExistsError, match="detr.pth exists"):
+    with pytest.raises(UsageError, match="detr.pth exists"):
         toy.build_toy_detr(cfg, mcfg, shapes_tok)
 
 

@@ -201,8 +201,9 @@ def test_two_process_step_equals_one_process_step_on_the_same_global_batch(tmp_p
 def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_train_flags):
     train.main(tiny_train_flags(tmp_path, "--max_steps=2", "--final_eval=false"))
     before = digest(tmp_path / "last.pt")
-    with pytest.raises(FileExistsError, match=f"--out_dir {tmp_path} holds a run \\(last.pt, best.pt, log.jsonl, config.json\\)"
-                                              f": pass --resume {tmp_path / 'last.pt'} to continue it, --overwrite"):
+    with pytest.raises(runtime.UsageError, match=f"--out_dir {tmp_path} holds a run \\(last.pt, best.pt, log.jsonl, "
+                                                 f"config.json\\): pass --resume {tmp_path / 'last.pt'} to continue "
+                                                 f"it, --overwrite"):
         train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--lr=1e-3"))
     assert digest(tmp_path / "last.pt") == before  # untouched
     train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false", "--overwrite"))
@@ -222,7 +223,7 @@ def test_without_out_dir_a_run_takes_the_next_free_folder(tmp_path, tiny_train_f
 def test_two_runs_cannot_share_a_folder(tmp_path, tiny_train_flags):
     lock = runtime.lock_run_dir(str(tmp_path))  # another run holds it
     try:
-        with pytest.raises(RuntimeError, match=f"{tmp_path} is in use by another run \\(pid {os.getpid()}\\)"):
+        with pytest.raises(runtime.UsageError, match=f"{tmp_path} is in use by another run \\(pid {os.getpid()}\\)"):
             train.main(tiny_train_flags(tmp_path, "--max_steps=1", "--final_eval=false"))
     finally:
         lock.close()
@@ -273,6 +274,117 @@ def test_a_query_longer_than_berts_position_table_is_refused_before_training(tmp
                                          "table has 32 rows"):
         train.main(tiny_train_flags(tmp_path, "--max_query_len=40"))
     assert not tmp_path.joinpath("config.json").exists()
+
+
+def listing(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# issue 24's table: what a user typed on the synthetic world (the preset's defaults, out/ under tmp_path) -> message
+@pytest.mark.parametrize("flags, message", [
+    (["--device=cuda"], r"--device cuda: this machine has no CUDA GPU .*; pass --device cpu"),
+    (["--resume={tmp}/hostname"], r"--resume .*hostname: not a PyTorch checkpoint \(torch.load cannot read it\)$"),
+    (["--max_query_len=600"], r"--max_query_len 600 is more than the text encoder 'out/shapes_vocab' holds: its "
+                              r"position table has 32 rows"),
+    (["--shapes_train_size=8"], r"--shapes_train_size 8: fewer training samples than one batch \(--batch_size 64\)"),
+    (["--text_encoder={tmp}/typo/vocab"], r"--text_encoder .*/typo/vocab: no folder .*/typo/vocab; the synthetic "
+                                          r"world's vocabulary is written on first use to out/shapes_vocab only"),
+    (["--teacher={tmp}/typo/clip"], r"--teacher (.*/typo/clip): no folder .*; toy CLIPs are built on first use at "
+                                    r"out/shapes_clip and out/shapes_clip_128 only; to build one at \1 on purpose: "
+                                    r"python toy.py --out_dir \1 --steps 300 --imsize 64 --shapes_image_size 128$"),
+    (["--visual_init={tmp}/typo/detr.pth"], r"--visual_init .*/typo/detr.pth: no such file; the toy DETR is built on "
+                                            r"first use at out/shapes_detr.pth only"),
+], ids=["device", "resume_not_a_checkpoint", "max_query_len", "fewer_than_a_batch", "text_encoder_typo",
+        "teacher_typo", "visual_init_typo"])
+def test_a_mistake_is_one_message_before_anything_is_written(flags, message, tmp_path, monkeypatch):
+    if "--device=cuda" in flags and torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without a GPU")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hostname").write_text("build-machine-7\n")  # a file that is no checkpoint
+    before = listing(tmp_path)
+    with pytest.raises(runtime.UsageError, match=message):
+        train.main(["--device=cpu", *(f.format(tmp=tmp_path) for f in flags)])
+    assert listing(tmp_path) == before  # no out/shapes, no lock, no vocabulary, no toy model, no typo'd folder
+
+
+def test_a_real_run_lists_every_missing_input_at_once_and_dry_run_checks_them(tmp_path, monkeypatch, tiny_clip_dir,
+                                                                                capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(runtime.UsageError) as info:
+        train.main(["--dataset=refcoco", "--device=cpu"])
+    message = str(info.value)
+    assert message.startswith("5 problems, found before anything was built or written:")
+    for missing in ("--text_encoder bert-base-uncased: not in the local Hugging Face cache",
+                    "--teacher openai/clip-vit-base-patch16: not in the local Hugging Face cache",
+                    "checkpoints/detr-r50-unc.pth not found", "data/unc/unc_train.pth, data/unc/unc_val.pth, "
+                    "data/unc/unc_testA.pth, data/unc/unc_testB.pth not found. Download the TransVG split indices",
+                    "image folder ln_data/other/images/mscoco/images/train2014 not found: put the COCO train2014"):
+        assert missing in message
+    assert listing(tmp_path) == []  # no out/refcoco
+    # everything in place (stand-ins: the check looks for the files, it does not load them)
+    for split in ("train", "val", "testA", "testB"):
+        os.makedirs("data/unc", exist_ok=True)
+        torch.save([("1.jpg", 0, [0, 0, 5, 5], "the cat", [])], f"data/unc/unc_{split}.pth")
+    os.makedirs("ln_data/other/images/mscoco/images/train2014")
+    os.makedirs("checkpoints")
+    (tmp_path / "checkpoints" / "detr-r50-unc.pth").write_bytes(b"stand-in")
+    from transformers import BertConfig
+    BertConfig(max_position_embeddings=16).save_pretrained("bert")
+    (tmp_path / "bert" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\ncat\n")
+    flags = ["--dataset=refcoco", "--device=cpu", "--text_encoder=bert", f"--teacher={tiny_clip_dir}"]
+    with pytest.raises(runtime.UsageError, match=r"^--max_query_len 20 is more than the text encoder 'bert' holds: "
+                                                 r"its position table has 16 rows$"):  # read from its config.json
+        train.main(flags)
+    before = listing(tmp_path)
+    assert train.main([*flags, "--max_query_len=16", "--dry_run"]) == {}
+    assert "all inputs found (--dry_run: nothing written)" in capsys.readouterr().out
+    assert listing(tmp_path) == before
+
+
+def test_resume_with_more_epochs_trains_the_run_longer_on_the_longer_schedule(tmp_path, tiny_train_flags, capsys):
+    # step schedule, lr x0.1 from epoch 1: 1 epoch then 1 more is exactly the 2-epoch run
+    flags = ["--lr_drop=1", "--final_eval=false", "--save_every=0"]
+    train.main(tiny_train_flags(tmp_path / "full", *flags, "--epochs=2"))
+    train.main(tiny_train_flags(tmp_path / "cut", *flags, "--epochs=1"))
+    last = str(tmp_path / "cut" / "last.pt")
+    out = train.main([f"--resume={last}", "--epochs=2", "--device=cpu"])
+    assert out["step"] == 6 and "--epochs 2: the run, 1 epochs long so far, continues to step 6 with the lr schedule " \
+                                  "of 2 epochs (step)" in capsys.readouterr().out
+    full, cut = (read_checkpoint(str(tmp_path / d / "last.pt")) for d in ("full", "cut"))
+    assert cut["train_config"]["epochs"] == 2
+    assert all(torch.equal(v, cut["model"][k]) for k, v in full["model"].items())
+    with pytest.raises(runtime.UsageError, match=r"--epochs 1: the run of --resume .* is 2 epochs long; a resumed run "
+                                                 r"can train longer, not shorter"):
+        train.main([f"--resume={last}", "--epochs=1"])
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train.py", ["--device=cpu", "--text_encoder={tmp}/typo"], "error: --text_encoder {tmp}/typo: no folder"),
+    ("evaluate.py", ["--ckpt={tmp}/missing.pt"], "error: --ckpt {tmp}/missing.pt: no such checkpoint file"),
+    ("bench.py", ["--device=cpu", "--dtype=bfloat16"], "error: --dtype bfloat16 needs CUDA"),
+    ("toy.py", ["--out_dir={tmp}"], "error: --out_dir {tmp} exists"),
+])
+def test_each_script_says_a_mistake_in_one_line_with_exit_status_2(script, flags, message, tmp_path):
+    before = listing(tmp_path)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, script), *(f.format(tmp=tmp_path) for f in flags)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.startswith(message.format(tmp=tmp_path)) and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_stops_and_the_message_is_printed_once(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "train.py"), "--device=cpu", "--shapes_train_size=8", "--micro_batch=32"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    said = "error: --shapes_train_size 8: fewer training samples than one batch"
+    assert run.returncode != 0 and (run.stdout + run.stderr).count(said) == 1, run.stderr[-3000:]
+    # torchrun's own report of the failed processes follows (its ChildFailedError): the first to exit did so with
+    # status 2; the other either did too or was stopped by torchrun first (which one wins is a race on a busy machine)
+    assert "exitcode  : 2" in run.stderr and listing(tmp_path) == []
 
 
 def test_resuming_a_file_train_py_did_not_write_says_what_it_is(tmp_path):

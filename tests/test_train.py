@@ -291,7 +291,7 @@ def listing(folder) -> list[str]:
                                           r"world's vocabulary is written on first use to out/shapes_vocab only"),
     (["--teacher={tmp}/typo/clip"], r"--teacher (.*/typo/clip): no folder .*; toy CLIPs are built on first use at "
                                     r"out/shapes_clip and out/shapes_clip_128 only; to build one at \1 on purpose: "
-                                    r"python toy.py --out_dir \1 --steps 300 --imsize 64 --shapes_image_size 128$"),
+                                    r"python toy.py --out_dir \1 --steps 600 --imsize 64 --shapes_image_size 128$"),
     (["--visual_init={tmp}/typo/detr.pth"], r"--visual_init .*/typo/detr.pth: no such file; the toy DETR is built on "
                                             r"first use at out/shapes_detr.pth only"),
 ], ids=["device", "resume_not_a_checkpoint", "max_query_len", "fewer_than_a_batch", "text_encoder_typo",

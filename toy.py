@@ -7,7 +7,8 @@ world (shapes.py) has none, so this file makes them on the world itself, once, c
 through the same paths as the real ones (--teacher <folder>, --visual_init <DETR checkpoint>):
   PRESET            the toy-size TransVG and schedule that `python train.py` runs by default
   toy CLIP          a small transformers CLIPModel trained with CLIP's own objective (symmetric cross-entropy over
-                    image-text similarities) on the world's (canvas, expression) pairs, then frozen as the teacher
+                    image-text similarities) on (canvas, expression) pairs of the world's captions split, scenes that
+                    the grounding data never show, where the rare words are common; then frozen as the teacher
   toy DETR          the student's own visual branch (ResNet + encoder) trained to detect the world's objects from
                     the pixels alone, saved in DETR's checkpoint layout
   CachedVisual      the frozen visual branch's tokens and the frozen teacher's targets, computed once per scene

@@ -192,16 +192,12 @@ class GroundingDataset(torch.utils.data.Dataset):
     """Shared __getitem__: subclasses give __len__ and load(i) -> (uint8 (3,H,W), box (4,) xyxy, text)."""
 
     skipped = 0  # invalid entries left out (--drop_invalid)
-    slices: tuple[str, ...] = ()  # names of the parts evaluate() also scores apart; slice_of(i) indexes them
+    slices: tuple[str, ...] = ()  # parts evaluate() also scores apart; a dataset with some has slice_of(i) -> index
     blind_text = False  # DataConfig.blind_text: the model sees the image (and its augmentation) but no word
 
     def __init__(self, name: str, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int):
         self.name, self.split, self.train, self.imsize = name, split, train, imsize
         self.encoder = make_encoder(tokenizer, max_query_len)
-
-    def slice_of(self, i: int) -> int:
-        """Which of self.slices sample i belongs to (only called when there are slices)."""
-        raise NotImplementedError
 
     def original_image(self, i: int) -> torch.Tensor:
         """The untransformed image of sample i, uint8 (3,H,W)."""

@@ -34,10 +34,11 @@ import transformers
 
 import data
 import transforms
-from clip_teacher import CLIPTeacher, save_random_clip
+from clip_teacher import DEFAULT_TEACHER, CLIPTeacher, save_random_clip
+from flags import check_fields, cli, parse_config
 from losses import distill_loss, total_loss
 from model import GroundingModel, ModelConfig, example_inputs
-from runtime import amp_dtype, autocast_for, cli, parse_config, setup_device
+from runtime import DTYPE_NAMES, amp_dtype, autocast_for, setup_device
 
 # bert-base-uncased's architecture, so the benchmark needs no download
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -271,7 +272,7 @@ class BenchConfig:
     channels_last: bool = False  # channels_last memory format for the ResNet
     backbone: str = "resnet50"  # the student: resnet50, resnet101 (TransVG) or swin_s_qrnet (QRNet)
     teacher: bool = False  # add the CLIP teacher to the train step and time its share
-    teacher_name: str = "openai/clip-vit-base-patch16"  # real CLIP weights (a folder), or a hub name: its shape, random
+    teacher_name: str = DEFAULT_TEACHER  # real CLIP weights (a folder), or a hub name: its shape, random
     warmup: int = 1  # untimed calls first
     reps: int = 3  # timed calls; the median is printed
     threads: int = 0  # CPU threads (0 = torch's default)
@@ -282,6 +283,9 @@ class BenchConfig:
     imsize: int = 640  # --data: canvas side
     passes: int = 3  # --data: timed passes over the images; prints the median
     n: int = 64  # --data: images to generate when --split_root is not given
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16")])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -157,17 +157,9 @@ class CLIPTeacher:
     def __repr__(self) -> str:
         return f"CLIPTeacher({self.name!r}, embed_dim={self.embed_dim}, trainable={self.trainable})"
 
-    # nn.Module-like surface for train.py. train() keeps eval mode on purpose (module docstring).
     def parameters(self):
-        """The CLIP parameters; add them to the optimizer only when trainable (backbone LR)."""
+        """The CLIP parameters; train.py gives them to the optimizer only when trainable (at the visual lr)."""
         return self.model.parameters()
-
-    def train(self, mode: bool = True) -> "CLIPTeacher":
-        self.model.eval()
-        return self
-
-    def eval(self) -> "CLIPTeacher":
-        return self.train(False)
 
     @cached_property
     def weights_sha256(self) -> str:

@@ -1,13 +1,11 @@
 """Referring-expression data: the five TransVG benchmarks, the synthetic world, and what each sample holds.
 
 Contents
-  registry     DATASETS: each --dataset name -> TransVG split folder, image folder, splits, box format, DETR
-               initialisation; DataConfig: the flags that choose a dataset and where its files are;
+  registry     DATASETS (each --dataset: split folder, image folder, splits, box format, DETR init); DataConfig;
                missing_inputs: the split files and image folder a run would not find, said before it starts
-  text         load_tokenizer (BERT's, by hub name or folder), make_encoder, tokenize
+  text         load_tokenizer (BERT's, by hub name or folder), make_encoder, tokenize, write_vocab, collate
   datasets     TransVGSplits (the split files every TransVG-lineage codebase ships), ShapesWorld (shapes.py's
-               synthetic referring-expression world: the toy default and the test fixture), make_dataset,
-               write_shapes_vocab, read_image, collate
+               synthetic world: the laptop default and the test fixture), make_dataset, read_image
 Each sample goes through transforms.transform_sample (augmentation, letterbox) and is then tokenised.
 
 References: TransVG (github.com/djiajunustc/TransVG @ c862427) datasets/data_loader.py, re-written from a written
@@ -41,7 +39,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 import shapes
-from runtime import UsageError, check_fields
+from flags import UsageError, check_fields
 from transforms import transform_sample
 
 # -----------------------------------------------------------------------------
@@ -87,11 +85,13 @@ class DataConfig:
     shapes_image_size: int = 128  # shapes: long side of the generated images, pixels
     shapes_rare_keep: float = shapes.RARE_KEEP  # shapes: how often the train split may say a rare word (1 = as val)
     blind_text: bool = False  # the text-blind baseline: every expression becomes "" after the transform
+    toy_teacher_steps: int = 600  # shapes: training steps of the toy CLIP, built on first use (world.py, toy.py)
+    toy_detr_steps: int = 600  # shapes: training steps of the toy DETR, built on first use (world.py, toy.py)
 
     def __post_init__(self) -> None:
         check_fields(self, [("dataset", self.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),
-                            ("shapes_train_size", self.shapes_train_size >= 0, ">= 0 (0 = the default)"),
-                            ("shapes_eval_size", self.shapes_eval_size >= 0, ">= 0 (0 = the default)"),
+                            *[(k, getattr(self, k) >= 0, ">= 0") for k in (
+                                "shapes_train_size", "shapes_eval_size", "toy_teacher_steps", "toy_detr_steps")],
                             ("shapes_image_size", self.shapes_image_size >= 32, ">= 32 pixels"),
                             ("shapes_rare_keep", 0 <= self.shapes_rare_keep <= 1, "in [0, 1]")])
 
@@ -164,8 +164,6 @@ def make_encoder(tokenizer, max_query_len: int):
 
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise TypeError(f"need a `tokenizers`-backed transformers tokenizer, not {type(tokenizer).__name__}")
-    if max_query_len < 2:
-        raise ValueError(f"max_query_len must leave room for [CLS] and [SEP], got {max_query_len}")
     encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     encoder.enable_truncation(max_length=max_query_len)
     encoder.enable_padding(length=max_query_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
@@ -176,6 +174,17 @@ def tokenize(encoder, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS] wordpieces [SEP] [PAD]... -> input_ids, attention_mask, both (L,) int64."""
     enc = encoder.encode(text)
     return torch.tensor(enc.ids), torch.tensor(enc.attention_mask)
+
+
+def write_vocab(directory: str, words) -> str:
+    """Write a word-level BERT vocab.txt ([PAD] = 0, then [UNK] [CLS] [SEP] [MASK], then words) into directory,
+    so that load_tokenizer(directory) works offline; returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "vocab.txt")
+    with open(path + ".partial", "w") as f:  # moved into place whole: a killed write leaves no short vocabulary
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    os.replace(path + ".partial", path)
+    return path
 
 
 def collate(samples: list[dict]) -> dict:
@@ -287,7 +296,7 @@ class TransVGSplits(GroundingDataset):
         if not self.items:
             raise UsageError(f"{name} {split}: no usable entries in {', '.join(paths)}" +
                              (f" ({len(bad)} invalid, skipped)" if bad else " (the split file is empty)"))
-        if self.items and not os.path.isabs(self.items[0][0]) and not os.path.isdir(self.image_dir):
+        if not os.path.isabs(self.items[0][0]) and not os.path.isdir(self.image_dir):
             raise UsageError(f"{name}: image folder {self.image_dir} not found: put the {info.images_from} there, "
                              f"or pass --data_root")
 
@@ -318,17 +327,6 @@ def read_image(path: str, where: str = "") -> torch.Tensor:
 
 # -----------------------------------------------------------------------------
 # the synthetic world (shapes.py) as a dataset
-
-def write_vocab(directory: str, words) -> str:
-    """Write a word-level BERT vocab.txt ([PAD] = 0, then [UNK] [CLS] [SEP] [MASK], then words) into directory,
-    so that load_tokenizer(directory) works offline; returns its path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "vocab.txt")
-    with open(path + ".partial", "w") as f:  # moved into place whole: a killed write leaves no short vocabulary
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    os.replace(path + ".partial", path)
-    return path
-
 
 def write_shapes_vocab(directory: str) -> str:
     """Write a BERT vocab.txt with every word the synthetic world says; returns its path."""

@@ -12,25 +12,21 @@ IoU is computed in original-image pixels: the predicted canvas box is clamped to
 and mapped back through the eval resize and pad; the ground truth is the annotation itself.
 We also report Acc@0.75 and the mean IoU.
 
-Layers (house rule R16): hit_counts/summarise are pure; evaluate(model, dataset) shards the split over ranks
-without padding and all-reduces the counts, so the numbers are exact for any world size; main() is the CLI.
-train.py calls the same evaluate().
+Three layers: hit_counts/summarise are pure; evaluate(model, dataset) shards the split over ranks without padding and
+all-reduces the counts, so the numbers are exact for any world size (train.py calls the same evaluate()); main() is
+the command line.
 
 --modality_gap measures, instead of accuracy, how far apart the student's visual and text features lie (the paper's
 Figure 2; the measures and the picture are gap.py's): it prints the numbers per split and writes
 <checkpoint folder>/gap_<split>_<loc>.png and .json (or into --out_dir).
 """
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
 from torchvision.io import write_png
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
@@ -38,11 +34,12 @@ from torchvision.utils import draw_bounding_boxes
 import data
 import gap
 import transforms
+from files import read_checkpoint, write_atomic
+from flags import UsageError, check_fields, cli, parse_config
 from interop import checkpoint_kind, load_model
 from losses import paired_iou_xyxy
-from model import GroundingModel, read_checkpoint
-from runtime import (DeviceEnv, UsageError, amp_dtype, autocast_for, check_fields, cli, parse_config, print0,
-                     setup_device)
+from model import GroundingModel
+from runtime import DTYPE_NAMES, DeviceEnv, amp_dtype, autocast_for, print0, setup_device, shard_loader
 
 # -----------------------------------------------------------------------------
 # metrics (pure)
@@ -74,25 +71,16 @@ def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, 
 # evaluation loop
 
 
-def shard_loader(dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int, num_workers: int
-                 ) -> DataLoader:
-    """This rank's share of dataset, in order: indices rank, rank + W, ... (no padding, unlike DistributedSampler)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shard = Subset(dataset, range(rank, len(dataset), world))
-    # its own generator: otherwise the loader draws a seed from the global RNG and shifts training's dropout stream
-    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=data.collate,
-                      pin_memory=device.type == "cuda", generator=torch.Generator())
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 32,
-             num_workers: int = 0, keep_records: bool = False, dtype: str = "auto") -> tuple[dict[str, float], list]:
+def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 32, num_workers: int = 0,
+             keep_records: bool = False, dtype: str = "auto") -> tuple[dict[str, float], list]:
     """Accuracy of model on dataset. Each rank takes indices rank, rank + W, ... (no padding, unlike
     DistributedSampler), and the hit counts are all-reduced, so the result is exact for any world size.
     Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample.
     A dataset with slices (data.ShapesWorld: rare and frequent words) is also scored per slice: metrics["slices"]."""
     ddp = dist.is_initialized()
     world = dist.get_world_size() if ddp else 1
+    device = next(model.parameters()).device
     loader = shard_loader(dataset, device, batch_size, num_workers)
     raw = getattr(model, "module", model)  # under DDP, the wrapped model holds the config
     imsize = getattr(raw, "_orig_mod", raw).cfg.imsize
@@ -130,9 +118,8 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: 
 
 
 @torch.no_grad()
-def collect_features(model: GroundingModel, dataset: torch.utils.data.Dataset, device: torch.device, loc: str,
-                     batch_size: int = 32, num_workers: int = 0, dtype: str = "auto"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_features(model: GroundingModel, dataset: torch.utils.data.Dataset, loc: str, batch_size: int = 32,
+                     num_workers: int = 0, dtype: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The student's features at distillation location loc (model.forward's out["distill"][loc]) for every sample,
     in dataset order: visual (N,Cv), text (N,Ct), fp32 on the CPU. Sharded like evaluate(); every rank gets all."""
     was_training = model.training
@@ -140,6 +127,7 @@ def collect_features(model: GroundingModel, dataset: torch.utils.data.Dataset, d
     cv, ct = model.distill_widths(loc)
     # starting empty, so that a rank with no samples (a split smaller than the world) still has rows to gather
     index, visual, text = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, cv)], [torch.zeros(0, ct)]
+    device = next(model.parameters()).device
     for batch in shard_loader(dataset, device, batch_size, num_workers):
         with autocast_for(device, dtype):
             out = model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
@@ -177,20 +165,6 @@ def draw_prediction(image: torch.Tensor, gt_xyxy: list[float] | None, pred_xyxy:
     boxes.append([1, h + 1, w - 1, h + 23])  # a frame around the bar, to carry the caption as its label
     return draw_bounding_boxes(picture, torch.tensor(boxes, dtype=torch.float32), labels=[*labels, caption],
                                colors=[*colors, "white"], width=max(2, round(max(h, w) / 200)))
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temp file next to path, then os.replace it onto path: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def save_pictures(dataset, records: list, out_dir: str, n: int, worst: bool, prefix: str) -> list[str]:
@@ -239,6 +213,7 @@ class EvalConfig:
             ("text", not self.text or data.has_word(self.text), "an expression with a word in it"),
             ("dataset", not self.dataset or self.dataset in data.DATASETS, f"one of {', '.join(data.DATASETS)}"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16"),
             ("vis", self.vis >= 0, ">= 0"),
             ("gap_loc", self.gap_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
             ("modality_gap", not (self.modality_gap and (self.image or self.vis)),
@@ -271,11 +246,12 @@ def print_gap_table(results: dict[str, dict[str, float]], loc: str) -> None:
     print0(GAP_LEGEND)
 
 
-def measure_gap(model: GroundingModel, dataset, env: DeviceEnv, cfg: EvalConfig, name: str, split: str,
-                folder: str) -> dict[str, float]:
+def measure_gap(model: GroundingModel, dataset: data.GroundingDataset, env: DeviceEnv, cfg: EvalConfig, folder: str
+                ) -> dict[str, float]:
     """gap.gap_measures of the student's features at cfg.gap_loc over dataset; the master writes
     folder/gap_<split>_<loc>.png (one PCA of both modalities) and .json ({ckpt, dataset, split, loc, measures})."""
-    visual, text = collect_features(model, dataset, env.device, cfg.gap_loc, cfg.batch_size, cfg.num_workers,
+    split = dataset.split
+    visual, text = collect_features(model, dataset, cfg.gap_loc, cfg.batch_size, cfg.num_workers,
                                     cfg.dtype)
     m = gap.gap_measures(visual, text)
     if env.is_master:
@@ -283,7 +259,7 @@ def measure_gap(model: GroundingModel, dataset, env: DeviceEnv, cfg: EvalConfig,
         caption = (f"{split} {cfg.gap_loc}: gap {m['centroid_gap']:.2f}  cos {m['matched_cos']:.2f}/"
                    f"{m['mismatched_cos']:.2f}  probe {m['probe_acc']:.0f}%  n {m['n']}")
         write_atomic(stem + ".png", lambda tmp: write_png(gap.gap_picture(visual, text, caption), tmp))
-        saved = {"ckpt": cfg.ckpt, "dataset": name, "split": split, "loc": cfg.gap_loc, "measures": m}
+        saved = {"ckpt": cfg.ckpt, "dataset": dataset.name, "split": split, "loc": cfg.gap_loc, "measures": m}
 
         def write_json(tmp: str) -> None:
             with open(tmp, "w") as f:
@@ -308,8 +284,7 @@ def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
 
 
 @torch.no_grad()
-def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device: torch.device, out_dir: str,
-                  dtype: str = "auto") -> dict:
+def predict_image(model: GroundingModel, tokenizer, path: str, text: str, out_dir: str, dtype: str = "auto") -> dict:
     """Box (x1, y1, x2, y2) in the image's pixels for one expression, and a PNG of it."""
     if not data.has_word(text):
         raise UsageError(f"--text {text!r} has no word in it: give the referring expression, e.g. --text 'the man "
@@ -323,6 +298,7 @@ def predict_image(model: GroundingModel, tokenizer, path: str, text: str, device
     if (ids[mask.bool()] == tokenizer.unk_token_id).sum() == mask.sum() - 2:  # [CLS] and [SEP] around nothing known
         raise UsageError(f"--text {text!r}: the tokenizer knows none of its words (all [UNK])")
     batch = data.collate([{**sample, "input_ids": ids, "attention_mask": mask}])
+    device = next(model.parameters()).device
     with autocast_for(device, dtype):
         out = model(batch["image"].to(device), batch["img_is_pad"].to(device), batch["input_ids"].to(device),
                     batch["attention_mask"].to(device))
@@ -367,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
                              f"with")
         out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "vis")
         if cfg.image:
-            return predict_image(model, tokenizer, cfg.image, cfg.text, env.device, out_dir, cfg.dtype)
+            return predict_image(model, tokenizer, cfg.image, cfg.text, out_dir, cfg.dtype)
         name = dcfg.dataset
         if cfg.modality_gap:  # refused before the split is read, not after the model has run over it
             cv, ct = model.distill_widths(cfg.gap_loc)
@@ -385,9 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
             dataset = data.make_dataset(dcfg, split, tokenizer, train=False, imsize=model.cfg.imsize,
                                         max_query_len=model.cfg.max_query_len)
             if cfg.modality_gap:
-                results[split] = measure_gap(model, dataset, env, cfg, name, split, gap_folder)
+                results[split] = measure_gap(model, dataset, env, cfg, gap_folder)
                 continue
-            results[split], records = evaluate(model, dataset, env.device, cfg.batch_size, cfg.num_workers,
+            results[split], records = evaluate(model, dataset, cfg.batch_size, cfg.num_workers,
                                                keep_records=cfg.vis > 0, dtype=cfg.dtype)
             results[split]["skipped"] = dataset.skipped
             if cfg.vis and env.is_master:

@@ -12,8 +12,7 @@ visual (N,D) and text (N,D), row i of each coming from the same (image, expressi
 Everything is computed in fp32 on the L2-normalised features, so the measures ignore feature scale.
 Both matrices need the same width D: features of different widths live in different spaces and have no gap to measure.
 evaluate.py --modality_gap runs a checkpoint over a split and calls these.
-
-Kept out of evaluate.py so that file stays within its line budget (house style R1); evaluate.py imports it.
+evaluate.py imports this file (kept apart so that both stay short).
 """
 
 import torch

@@ -1,44 +1,42 @@
-"""Official TransVG and QRNet checkpoints as GroundingModels: their keys, the architecture read off their weights.
+"""Every checkpoint format that is not ours, read into a GroundingModel: official TransVG and QRNet models, DETR,
+an mmdet Mask R-CNN Swin-S, a torchvision ResNet.
 
     model = interop.load_model("TransVG_unc.pth")      # or QRNet's, or one of ours: the same call, a GroundingModel
+    model = interop.new_model(cfg)                     # a new student, its visual branch from cfg.visual_init's file
 
 An official checkpoint ({'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'val_accu'}, written by TransVG's or
 QRNet's train.py with a pickled argparse.Namespace, which read_checkpoint allows and nothing else) is mapped key by
-key onto ours and loaded strictly. Parity with the official code (same pred_boxes, fusion outputs and, for QRNet, neck
-outputs on the same inputs): tests/test_transvg_parity.py, tests/test_qrnet_parity.py and the README.
+key onto ours and loaded strictly, the architecture read off its weights. A detector's checkpoint (DETR, Mask R-CNN)
+initialises the student's visual branch only. Parity with the official code (same pred_boxes, fusion outputs and, for
+QRNet, neck outputs on the same inputs): tests/test_transvg_parity.py, tests/test_qrnet_parity.py, docs/qrnet.md.
 
 References: TransVG, github.com/djiajunustc/TransVG @ c862427 (models/trans_vg.py, train.py); QRNet,
-github.com/LukeForeverYoung/QRNet @ 6aaa23c (models/trans_vg.py TransVGSwin, train.py).
+github.com/LukeForeverYoung/QRNet @ 6aaa23c (models/trans_vg.py TransVGSwin, train.py, and its mmdet Swin and neck);
+DETR, github.com/facebookresearch/detr (its checkpoints' names).
 """
 
 import math
 import os
+import re
 
 import torch
 
 import qrnet
-from model import GroundingModel, ModelConfig, read_checkpoint, rename_keys
-from runtime import UsageError
+from files import read_checkpoint
+from flags import UsageError
+from model import GroundingModel, ModelConfig
+
+# -----------------------------------------------------------------------------
+# any checkpoint -> a GroundingModel
 
 
-def official_visual_checkpoint(visual_init: str, backbone: str, detr: str, checkpoint_dir: str) -> str:
-    """Where the paper's visual initialisation lives: TransVG's DETR (visual_init='detr') or QRNet's Mask R-CNN
-    Swin-S ('mask_rcnn') for the data set whose detector is `detr`, under checkpoint_dir; a UsageError saying where to
-    get it if missing."""
-    if visual_init == "detr":
-        depth = "r101" if backbone == "resnet101" else "r50"
-        path = os.path.join(checkpoint_dir, f"detr-{depth}-{detr}.pth")
-        what = "TransVG's DETR checkpoints (COCO without the grounding val/test images; links in TransVG's README)"
-    else:  # QRNet's: COCO without the RefCOCO val/test images (its script's unc_latest.pth), or Swin's own release
-        path = os.path.join(checkpoint_dir, "mask_rcnn_swin_small_patch4_window7.pth" if detr == "referit"
-                            else f"{detr}_latest.pth")
-        what = ("a Mask R-CNN Swin-S (RefCOCO family: QRNet's, on the Google Drive its README links; ReferIt and "
-                "Flickr: Swin-Transformer-Object-Detection's release)")
-    if not os.path.isfile(path):
-        raise UsageError(f"{path} not found: the paper initialises the visual branch from {what}. Put it "
-                                f"there, point --checkpoint_dir at it, or pass --visual_init "
-                                f"{'imagenet|' * (visual_init == 'detr')}random|<path>.")
-    return path
+def new_model(cfg: ModelConfig) -> GroundingModel:
+    """A new student as a run starts it: GroundingModel(cfg), its visual branch then loaded from cfg.visual_init
+    when that is a file (load_visual_checkpoint); random and imagenet are GroundingModel's own."""
+    model = GroundingModel(cfg)
+    if cfg.visual_init not in ("random", "imagenet"):
+        load_visual_checkpoint(model, cfg.visual_init)
+    return model
 
 
 def checkpoint_kind(ckpt: dict) -> str:
@@ -72,15 +70,99 @@ def load_model(path: str, map_location: str | torch.device = "cpu", ckpt: dict |
     return model.to(map_location).eval()
 
 
+def official_visual_checkpoint(visual_init: str, backbone: str, detr: str, checkpoint_dir: str) -> str:
+    """Where the paper's visual initialisation lives: TransVG's DETR (visual_init='detr') or QRNet's Mask R-CNN
+    Swin-S ('mask_rcnn') for the data set whose detector is `detr`, under checkpoint_dir; a UsageError saying where to
+    get it if missing."""
+    if visual_init == "detr":
+        depth = "r101" if backbone == "resnet101" else "r50"
+        path = os.path.join(checkpoint_dir, f"detr-{depth}-{detr}.pth")
+        what = "TransVG's DETR checkpoints (COCO without the grounding val/test images; links in TransVG's README)"
+    else:  # QRNet's: COCO without the RefCOCO val/test images (its script's unc_latest.pth), or Swin's own release
+        path = os.path.join(checkpoint_dir, "mask_rcnn_swin_small_patch4_window7.pth" if detr == "referit"
+                            else f"{detr}_latest.pth")
+        what = ("a Mask R-CNN Swin-S (RefCOCO family: QRNet's, on the Google Drive its README links; ReferIt and "
+                "Flickr: Swin-Transformer-Object-Detection's release)")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} not found: the paper initialises the visual branch from {what}. Put it "
+                                f"there, point --checkpoint_dir at it, or pass --visual_init "
+                                f"{'imagenet|' * (visual_init == 'detr')}random|<path>.")
+    return path
+
+
 # -----------------------------------------------------------------------------
-# TransVG: key mapping both ways, and the architecture read off the weights
+# a detector's checkpoint -> the visual branch
+
+# DETR's names -> the TransVG branch's (model.visual): the ResNet body, the 1x1 projection and the encoder; its
+# decoder, queries and heads have no counterpart. A torchvision ResNet's names -> ours: all but its classifier (fc.*).
+DETR_PREFIXES = {"backbone.0.body.": "backbone.", "input_proj.": "input_proj.",
+                 "transformer.encoder.layers.": "encoder.layers."}
+RESNET_PREFIXES = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer": "backbone.layer"}
+
+
+def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[str]]:
+    """Initialise model.visual from a DETR checkpoint ({'model': {backbone.0.body.*, input_proj.*,
+    transformer.encoder.*, ...}}), the visual branch of a TransVG checkpoint (visumodel.*), or a torchvision ResNet
+    state dict (conv1.weight, layer1.*, ...); QRNet's from a trained QRNet's or an mmdet Mask R-CNN Swin-S (Swin and
+    lateral convs of {'state_dict': {backbone.*, neck.*, rpn_head.*, roi_head.*}}; QD-ATT keeps its init).
+    Returns {"loaded": [...], "ignored": [...]} and prints a summary; raises if the file does not fit the model."""
+    ckpt = read_checkpoint(path)
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt))  # DETR's, TransVG's and QRNet's 'model', mmdet's 'state_dict'
+    swin = next((p for p in ("", "visumodel.") if f"{p}backbone.patch_embed.proj.weight" in sd), None)  # mmdet names
+    if swin is not None:
+        prefixes, expected = None, ""
+    elif any(k.startswith("backbone.0.body.") for k in sd):
+        prefixes, expected = DETR_PREFIXES, ""
+    elif any(k.startswith("visumodel.backbone.0.body.") for k in sd):  # a trained TransVG: its DETR-shaped branch
+        prefixes, expected = {"visumodel." + k: v for k, v in DETR_PREFIXES.items()}, ""
+    elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        prefixes, expected = RESNET_PREFIXES, "backbone."
+    else:
+        raise ValueError(f"{path}: expected a DETR checkpoint (keys backbone.0.body.*, input_proj.*, "
+                         f"transformer.encoder.*), a torchvision ResNet state dict (conv1.weight, layer1.*) or an "
+                         f"mmdet Swin (backbone.patch_embed.*, backbone.layers.*); found keys like {sorted(sd)[:5]}")
+    counters = [k for k in sd if k.endswith("num_batches_tracked")]  # BatchNorm's step counter, not a weight
+    sd = {k: v for k, v in sd.items() if k not in counters}
+    mapped, ignored = (rename_keys(sd, prefixes) if prefixes else
+                       official_to_ours(sd, swin + "backbone.", swin + "neck."))
+    ignored += counters
+    qdatt = any(".qdatt." in "." + k for k in mapped)  # a detector has none: QRNet's QD-ATT keeps its init then
+    own = {k: v for k, v in model.visual.state_dict().items() if k.startswith(expected) and not k.endswith(
+           ("num_batches_tracked", "scale_embed")) and (qdatt or ".qdatt." not in "." + k)}
+    missing = sorted(set(own) - set(mapped))
+    unexpected = sorted(set(mapped) - set(own))
+    wrong = sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit backbone={model.cfg.backbone} enc_layers={model.cfg.enc_layers}: "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
+    model.visual.load_state_dict(mapped, strict=False)
+    print(f"visual branch: loaded {len(mapped)} tensors from {path}; ignored {len(ignored)} "
+          f"({', '.join(sorted({'.'.join(k.split('.')[:2]) for k in ignored}))})")
+    return {"loaded": sorted(mapped), "ignored": sorted(ignored)}
+
+
+def rename_keys(sd: dict, prefixes: dict[str, str]) -> tuple[dict, list[str]]:
+    """Rename each key of a state dict by the first prefix of `prefixes` ({old: new}) it starts with.
+    Returns (renamed state dict, the keys no prefix matched)."""
+    renamed, unmatched = {}, []
+    for k, v in sd.items():
+        old = next((p for p in prefixes if k.startswith(p)), None)
+        if old is None:
+            unmatched.append(k)
+        else:
+            renamed[prefixes[old] + k[len(old):]] = v
+    return renamed, unmatched
+
+
+# -----------------------------------------------------------------------------
+# TransVG: its keys, and the architecture read off its weights
 
 # TransVG key prefix -> ours. textmodel.bert.pooler.* has no counterpart (we drop the unused pooler). QRNet shares
-# every prefix after the visual branch's (its visumodel.* go through qrnet.official_to_ours).
+# every prefix after the visual branch's (its visumodel.* go through official_to_ours).
 TRANSVG_PREFIXES = {
-    "visumodel.backbone.0.body.": "backbone.",
-    "visumodel.input_proj.": "input_proj.",
-    "visumodel.transformer.encoder.layers.": "visual_encoder.layers.",
+    "visumodel.backbone.0.body.": "visual.backbone.",
+    "visumodel.input_proj.": "visual.input_proj.",
+    "visumodel.transformer.encoder.layers.": "visual.encoder.layers.",
     "textmodel.bert.": "text_encoder.",
     "vl_pos_embed.weight": "pos_embed",
     "reg_token.weight": "reg_token",
@@ -108,14 +190,6 @@ def transvg_to_ours(sd: dict, max_query_len: int) -> dict:
     sd = _rename_all({k: v for k, v in sd.items() if not k.startswith(unused)}, TRANSVG_PREFIXES)
     pos, L = sd["pos_embed"], max_query_len
     sd["pos_embed"] = torch.cat([pos[:1], pos[1 + L:], pos[1:1 + L]])
-    return sd
-
-
-def ours_to_transvg(sd: dict, max_query_len: int) -> dict:
-    """The inverse of transvg_to_ours (without the pooler, which we never had)."""
-    sd = _rename_all(sd, {v: k for k, v in TRANSVG_PREFIXES.items()})
-    pos, L = sd["vl_pos_embed.weight"], max_query_len
-    sd["vl_pos_embed.weight"] = torch.cat([pos[:1], pos[-L:], pos[1:-L]])
     return sd
 
 
@@ -194,27 +268,55 @@ def transvg_config(sd: dict, args: dict) -> ModelConfig:
 
 
 # -----------------------------------------------------------------------------
-# QRNet: the visual branch's keys through qrnet.py, the rest as TransVG's
+# QRNet: its Swin, QD-ATT and neck by name (mmdet's, also in a Mask R-CNN Swin-S), the rest as TransVG's
+
+# (official prefix, ours) for keys relative to the Swin backbone (mmdet's names plus QRNet's qdatt) and to the neck;
+# '#' is an index. The first pair whose prefix matches renames a key, so the specific ones come first.
+_GATES = [("ChannelGate.mlp.0.decoder.", "channel_down."), ("ChannelGate.mlp.2.decoder.", "channel_up."),
+          ("SpatialGate.spatial.decoder.", "spatial.")]
+BACKBONE_NAMES = [
+    ("patch_embed.proj.", "patch_embed.0."), ("patch_embed.norm.", "patch_embed.2."),
+    ("layers.#.blocks.#.mlp.fc1.", "stages.#.#.mlp.0."), ("layers.#.blocks.#.mlp.fc2.", "stages.#.#.mlp.3."),
+    ("layers.#.blocks.", "stages.#."), ("layers.#.downsample.", "merges.#."), ("norm#.", "stage_norms.#."),
+    *[(f"layers.#.qdatt.{theirs}", f"qdatt.#.{ours}") for theirs, ours in _GATES],
+]
+NECK_NAMES = [("lateral_convs.#.conv.", "lateral.#."),
+              *[(f"fpn_down.#.qdatt.{theirs}", f"qdatt.#.{ours}") for theirs, ours in _GATES]]
+
+
+def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
+    for old, new in pairs:
+        m = re.match(re.escape(old).replace(r"\#", r"(\d+)"), key)
+        if m:
+            return new.replace("#", "{}").format(*m.groups()) + key[m.end():]
+    return None
+
+
+def official_to_ours(sd: dict, backbone: str, neck: str, into: str = "") -> tuple[dict, list[str]]:
+    """Our names (relative to QRNetVisual, each prefixed by `into`) for the Swin, QD-ATT and neck tensors of an official
+    state dict whose backbone keys start with `backbone` ("backbone." in a Mask R-CNN checkpoint, "visumodel.backbone."
+    in QRNet's) and neck keys with `neck`. relative_position_index buffers (49,49) are flattened as torchvision keeps
+    them. Returns (renamed state dict, the keys with no counterpart: detection heads, the FPN's 3x3 convs, ...)."""
+    renamed, left = {}, []
+    for k, v in sd.items():
+        name = None
+        for prefix, pairs, ours in ((backbone, BACKBONE_NAMES, into), (neck, NECK_NAMES, into + "neck.")):
+            if k.startswith(prefix) and _rename(k[len(prefix):], pairs):
+                name = ours + _rename(k[len(prefix):], pairs)
+        if name is None:
+            left.append(k)
+        else:
+            renamed[name] = v.flatten() if name.endswith("relative_position_index") else v
+    return renamed, left
 
 
 def qrnet_to_ours(sd: dict, max_query_len: int) -> dict:
-    """Map an official QRNet state dict to ours: Swin, QD-ATT and neck by qrnet.official_to_ours, the rest as
+    """Map an official QRNet state dict to ours: Swin, QD-ATT and neck by official_to_ours, the rest as
     TransVG's (position rows reordered); dropped, as they never run: BERT's pooler, the RPN head, scale-embedding
     rows 0-2 (QRNet adds rows 3 and 4 to its stride-32 and stride-64 levels)."""
-    visual, rest = qrnet.official_to_ours(sd, "visumodel.backbone.", "visumodel.neck.", into="backbone.")
+    visual, rest = official_to_ours(sd, "visumodel.backbone.", "visumodel.neck.", into="visual.")
     rest = {k: sd[k] for k in rest if not k.startswith(("visumodel.rpn_head.", "scale_embed."))}
-    return {**visual, **transvg_to_ours(rest, max_query_len), "backbone.scale_embed": sd["scale_embed.weight"][3:5]}
-
-
-def ours_to_qrnet(sd: dict, max_query_len: int) -> dict:
-    """The inverse of qrnet_to_ours, without what it drops (scale-embedding rows 0-2 come back as zeros)."""
-    sd = dict(sd)
-    scale = sd.pop("backbone.scale_embed")  # (2,D)
-    visual = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    rest = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
-    unused = scale.new_zeros(3, scale.shape[1])  # rows 0-2, which QRNet never reads
-    return {**qrnet.ours_to_official(visual, "visumodel.backbone.", "visumodel.neck."),
-            **ours_to_transvg(rest, max_query_len), "scale_embed.weight": torch.cat([unused, scale])}
+    return {**visual, **transvg_to_ours(rest, max_query_len), "visual.scale_embed": sd["scale_embed.weight"][3:5]}
 
 
 def qrnet_config(sd: dict, args: dict) -> ModelConfig:

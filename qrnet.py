@@ -32,12 +32,9 @@ The canvas side must be a multiple of 32 (the official neck fails on odd stride-
 run: the detector's RPN head, which QRNet keeps, and 3 of its 5 scale embeddings (only rows 3 and 4 are read). The
 channel gate's dynamic weights are generated once for both of its pools (the official code does it per pool).
 
-Checkpoint names: official_to_ours / ours_to_official map the official (mmdet) names of the Swin, QD-ATT and neck
-tensors to ours and back, for a Mask R-CNN Swin-S checkpoint (model.load_visual_checkpoint) and QRNet's own
-(interop.py). This file imports nothing from the project.
+The official (mmdet) names of these tensors, for a Mask R-CNN Swin-S checkpoint and QRNet's own, are mapped to ours
+in interop.py. This file imports nothing from the project.
 """
-
-import re
 
 import torch
 import torch.nn as nn
@@ -157,6 +154,9 @@ class QRNetVisual(nn.Module):
       tokens_is_pad (B,N): True where the cell's top-left pixel is padding (nearest resize: QRNet's rule, TransVG's)
       last_stage (B,c_3,h,w): Swin's stage-4 output."""
 
+    # the top-level names of checkpoints written before the branch became model.visual -> its own (GroundingModel)
+    LEGACY_NAMES = {"backbone.": ""}
+
     def __init__(self, sizes: dict, dim: int, query_dim: int) -> None:
         super().__init__()
         if len(sizes["depths"]) != 4:
@@ -177,6 +177,11 @@ class QRNetVisual(nn.Module):
                 nn.init.zeros_(m.bias)
         self.neck = QueryNeck(self.widths, dim, query_dim)
         self.scale_embed = nn.Parameter(torch.randn(2, dim))  # QRNet's rows 3 and 4 of 5 (0-2 are never read); N(0,1)
+        self.cnn_channels = self.widths[-1]  # C of the last map it returns: Swin's stage 4
+
+    def num_tokens(self, imsize: int) -> int:
+        n = imsize // 32
+        return n * n + ((n + 1) // 2) ** 2  # strides 32 and 64: 400 + 100 for a 640 canvas
 
     def forward(self, images: torch.Tensor, img_is_pad: torch.Tensor, query: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,61 +203,3 @@ class QRNetVisual(nn.Module):
             if s < len(self.merges):
                 x = self.merges[s](x)
         return stages, self.neck(stages, query)
-
-
-# -----------------------------------------------------------------------------
-# official names <-> ours
-
-# (official prefix, ours) for keys relative to the Swin backbone (mmdet's names plus QRNet's qdatt) and to the neck;
-# '#' is an index. The first pair whose prefix matches renames a key, so the specific ones come first.
-_GATES = [("ChannelGate.mlp.0.decoder.", "channel_down."), ("ChannelGate.mlp.2.decoder.", "channel_up."),
-          ("SpatialGate.spatial.decoder.", "spatial.")]
-BACKBONE_NAMES = [
-    ("patch_embed.proj.", "patch_embed.0."), ("patch_embed.norm.", "patch_embed.2."),
-    ("layers.#.blocks.#.mlp.fc1.", "stages.#.#.mlp.0."), ("layers.#.blocks.#.mlp.fc2.", "stages.#.#.mlp.3."),
-    ("layers.#.blocks.", "stages.#."), ("layers.#.downsample.", "merges.#."), ("norm#.", "stage_norms.#."),
-    *[(f"layers.#.qdatt.{theirs}", f"qdatt.#.{ours}") for theirs, ours in _GATES],
-]
-NECK_NAMES = [("lateral_convs.#.conv.", "lateral.#."),
-              *[(f"fpn_down.#.qdatt.{theirs}", f"qdatt.#.{ours}") for theirs, ours in _GATES]]
-
-
-def _rename(key: str, pairs: list[tuple[str, str]], reverse: bool = False) -> str | None:
-    for old, new in pairs:
-        old, new = (new, old) if reverse else (old, new)
-        m = re.match(re.escape(old).replace(r"\#", r"(\d+)"), key)
-        if m:
-            return new.replace("#", "{}").format(*m.groups()) + key[m.end():]
-    return None
-
-
-def official_to_ours(sd: dict, backbone: str, neck: str, into: str = "") -> tuple[dict, list[str]]:
-    """Our names (relative to QRNetVisual, each prefixed by `into`) for the Swin, QD-ATT and neck tensors of an official
-    state dict whose backbone keys start with `backbone` ("backbone." in a Mask R-CNN checkpoint, "visumodel.backbone."
-    in QRNet's) and neck keys with `neck`. relative_position_index buffers (49,49) are flattened as torchvision keeps
-    them. Returns (renamed state dict, the keys with no counterpart: detection heads, the FPN's 3x3 convs, ...)."""
-    renamed, left = {}, []
-    for k, v in sd.items():
-        name = None
-        for prefix, pairs, ours in ((backbone, BACKBONE_NAMES, into), (neck, NECK_NAMES, into + "neck.")):
-            if k.startswith(prefix) and _rename(k[len(prefix):], pairs):
-                name = ours + _rename(k[len(prefix):], pairs)
-        if name is None:
-            left.append(k)
-        else:
-            renamed[name] = v.flatten() if name.endswith("relative_position_index") else v
-    return renamed, left
-
-
-def ours_to_official(sd: dict, backbone: str, neck: str) -> dict:
-    """The inverse of official_to_ours, for a state dict relative to QRNetVisual (every key has a counterpart)."""
-    out = {}
-    for k, v in sd.items():
-        is_neck = k.startswith("neck.")
-        name = _rename(k[5:], NECK_NAMES, True) if is_neck else _rename(k, BACKBONE_NAMES, True)
-        if name is None:
-            raise KeyError(f"no official name for {k}")
-        if name.endswith("relative_position_index"):
-            v = v.view(int(v.numel() ** 0.5), -1)  # torchvision's (w^4,) -> mmdet's (w^2, w^2)
-        out[(neck if is_neck else backbone) + name] = v
-    return out

@@ -14,12 +14,13 @@ import torch.distributed as dist  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
-from runtime import parse_config, setup_device  # noqa: E402
+from config import TrainConfig, defaults  # noqa: E402
+from flags import parse_config  # noqa: E402
+from runtime import setup_device  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    cfg, dcfg, mcfg = parse_config(sys.argv[1:], [train.TrainConfig, data.DataConfig, train.ModelConfig],
-                                   train.preset)
+    cfg, dcfg, mcfg = parse_config(sys.argv[1:], [TrainConfig, data.DataConfig, train.ModelConfig], defaults)
     env = setup_device(cfg.device)
     try:
         metrics, model = train.run(cfg, dcfg, mcfg, env)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import save_tiny_clip
 from transformers import CLIPImageProcessor, CLIPTokenizer
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
@@ -15,7 +16,8 @@ from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
 import train
 import transforms
-from clip_teacher import CLIPTeacher, adaptive_avg_pool, save_random_clip, save_word_tokenizer
+from clip_teacher import CLIPTeacher, adaptive_avg_pool, save_word_tokenizer
+from config import TrainConfig
 from losses import distill_loss
 from model import GroundingModel, example_inputs
 
@@ -30,13 +32,9 @@ def channels(v):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A saved tiny random CLIP (512-d embeddings like ViT-B) + tokenizer ("man", "the" whole words), without
-    preprocessor config."""
+    """A saved tiny random CLIP with 512-d embeddings like ViT-B's, without a preprocessor config."""
     directory = tmp_path_factory.mktemp("tiny_clip")
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    torch.manual_seed(0)
-    save_random_clip(directory, ["man", "the"], projection_dim=512, text={"max_position_embeddings": 77, **tower},
-                     vision={"image_size": IMAGE_SIZE, "patch_size": 8, **tower})
+    save_tiny_clip(directory, projection_dim=512)
     return directory
 
 
@@ -177,13 +175,12 @@ def test_frozen_teacher_stays_out_of_the_student(teacher, tiny_config):
     student.teacher = teacher  # even as an attribute it is not registered: it is not an nn.Module
     student.train()
     assert not teacher.model.training
-    assert teacher.train() is teacher and not teacher.model.training  # train() keeps eval on purpose
     assert all(not p.requires_grad for p in teacher.parameters())
     assert set(student.state_dict()) == keys
     teacher_ids = {id(p) for p in teacher.parameters()}
-    groups = train.param_groups(student, teacher, train.TrainConfig())  # the optimizer's groups in train.py
+    groups = train.param_groups(student, teacher, TrainConfig())  # the optimizer's groups in train.py
     assert not teacher_ids & {id(p) for group in groups for p in group["params"]}
-    groups = train.param_groups(student, teacher, train.TrainConfig(teacher_trainable=True))
+    groups = train.param_groups(student, teacher, TrainConfig(teacher_trainable=True))
     assert {id(p) for p in groups[-1]["params"]} == teacher_ids and groups[-1]["base_lr"] == 1e-5
 
 
@@ -204,7 +201,7 @@ def test_each_location_gets_targets_of_its_width_and_only_the_student_gets_gradi
     cls = out["distill"]["loc1"][1]  # (3,32)
     (loss + (cls * dte[:, :32]).mean()).backward()
     assert student.fusion.layers[-1].linear2.weight.grad.abs().sum() > 0  # reached through loc1
-    assert student.backbone.layer4[-1].conv2.weight.grad.abs().sum() > 0  # reached through loc4 too
+    assert student.visual.backbone.layer4[-1].conv2.weight.grad.abs().sum() > 0  # reached through loc4 too
     assert all(p.grad is None for p in teacher.parameters())
 
 
@@ -218,7 +215,7 @@ def test_trainable_teacher_gets_the_distillation_gradient_and_updates(clip_dir, 
     student = GroundingModel(tiny_config()).train()
     assert not teacher.model.training and all(p.requires_grad for p in teacher.parameters())
     # train.py's groups: the teacher joins the optimizer at the backbone learning rate
-    optimizer = torch.optim.AdamW(train.param_groups(student, teacher, train.TrainConfig(teacher_trainable=True)))
+    optimizer = torch.optim.AdamW(train.param_groups(student, teacher, TrainConfig(teacher_trainable=True)))
     batch = student_batch(student.cfg)
     target = teacher.targets(transforms.unnormalise(batch[0]), TEXTS, student.distill_widths("loc1"))
     sum(distill_loss(student(*batch)["distill"]["loc1"], target).values()).backward()
@@ -309,10 +306,7 @@ def test_word_tokenizer_spells_given_words_as_single_tokens(tmp_path):
 def test_an_untrained_teacher_has_the_same_architecture_and_no_knowledge(tmp_path):
     """--teacher_init random: the control "a teacher that knows nothing". Same config and tokenizer, CLIP's own
     initialisation with a fixed seed (the same draw for every run), and the caller's RNG is left where it was."""
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
-    torch.manual_seed(1)  # stands for the trained weights: any draw but the control's own
-    save_random_clip(tmp_path, ["red", "the", "circle"], projection_dim=64, text=tower,
-                     vision={"image_size": IMAGE_SIZE, "patch_size": 8, **tower})
+    save_tiny_clip(tmp_path, seed=1)  # seed 1 stands for the trained weights: any draw but the control's own
     clip_dir, teacher = str(tmp_path), CLIPTeacher(str(tmp_path), device="cpu")
     before = torch.get_rng_state()
     a, b = (CLIPTeacher(clip_dir, device="cpu", init="random") for _ in range(2))

@@ -14,7 +14,7 @@ from test_transforms import check_box_covers_rectangle, rect_image
 
 import data
 import transforms
-from runtime import UsageError
+from flags import UsageError
 
 S = 96  # a small canvas keeps the transform tests fast
 

@@ -14,9 +14,9 @@ import data
 import evaluate
 import gap
 import train
+from files import read_checkpoint
+from flags import UsageError
 from losses import paired_iou_xyxy
-from model import read_checkpoint
-from runtime import UsageError
 
 
 def test_iou_of_exactly_one_half_counts_as_correct():
@@ -57,7 +57,7 @@ def test_a_dataset_with_slices_is_also_scored_per_slice(tmp_path, tiny_config):
     from model import GroundingModel
     torch.manual_seed(0)
     model = GroundingModel(tiny_config(text_config={**data_bert(tok)}))
-    metrics, records = evaluate.evaluate(model, world, torch.device("cpu"), batch_size=5, keep_records=True)
+    metrics, records = evaluate.evaluate(model, world, batch_size=5, keep_records=True)
     rare = [world.slice_of(i) for i, _, _ in records]
     assert set(metrics["slices"]) == {"frequent", "rare"} and 0 < sum(rare) < 24
     for s, name in enumerate(world.slices):
@@ -266,7 +266,7 @@ def test_modality_gap_command_writes_picture_and_numbers(checkpoint, capsys):
     dcfg = evaluate.run_data_config(evaluate.read_checkpoint(str(checkpoint)), evaluate.EvalConfig())
     world = data.make_dataset(dcfg, "val", data.load_tokenizer(model.cfg.text_encoder), train=False,
                               imsize=64, max_query_len=16)
-    visual, text = evaluate.collect_features(model, world, torch.device("cpu"), "loc1")
+    visual, text = evaluate.collect_features(model, world, "loc1")
     assert visual.shape == text.shape == (9, 32)
     assert gap.gap_measures(visual, text) == pytest.approx(m)
 

@@ -7,15 +7,10 @@ import argparse
 
 import pytest
 import torch
+from conftest import ours_to_transvg
 
-from interop import load_model, ours_to_transvg, transvg_config, transvg_to_ours
+from interop import load_model, transvg_config, transvg_to_ours
 from model import GroundingModel, example_inputs
-
-
-@pytest.fixture
-def model(tiny_config):
-    torch.manual_seed(0)
-    return GroundingModel(tiny_config()).eval()
 
 
 def transvg_checkpoint(model):

@@ -19,9 +19,7 @@ import os
 import pytest
 import torch
 
-import qrnet
-from interop import load_model
-from model import load_visual_checkpoint
+from interop import load_model, load_visual_checkpoint, official_to_ours
 
 REF = os.environ.get("QRNET_REF", "/tmp/qrnet_ref")
 CASES = [("QRNet_random.pth", "io.pt", None), ("QRNet_random_q40.pth", "io_q40.pt", None),
@@ -43,9 +41,9 @@ def test_same_outputs_as_official_qrnet(ckpt, io, extra):
                     f"which CI does not have (this file's docstring lists them)")
     model = load_model(os.path.join(REF, ckpt))
     if extra == "qda_V_random.pth":  # official names, visumodel.*.decoder.V only
-        V, left = qrnet.official_to_ours(read_reference(extra), "visumodel.backbone.", "visumodel.neck.")
+        V, left = official_to_ours(read_reference(extra), "visumodel.backbone.", "visumodel.neck.")
         assert not left and len(V) == 4 * 3 + 3 * 3
-        assert model.load_state_dict({"backbone." + k: v for k, v in V.items()}, strict=False).unexpected_keys == []
+        assert model.visual.load_state_dict(V, strict=False).unexpected_keys == []
     elif extra is not None:
         load_visual_checkpoint(model, os.path.join(REF, extra))
     ref = read_reference(io)
@@ -53,7 +51,7 @@ def test_same_outputs_as_official_qrnet(ckpt, io, extra):
     ref = ref.get("intermediates", ref) | {"pred_boxes": ref["pred_boxes"]}
     captured = {}
     model.fusion.register_forward_hook(lambda m, i, o: captured.__setitem__("fusion", o))
-    model.backbone.neck.register_forward_hook(lambda m, i, o: captured.__setitem__("neck", o))
+    model.visual.neck.register_forward_hook(lambda m, i, o: captured.__setitem__("neck", o))
     with torch.no_grad():
         out = model(inputs["img"], inputs["img_mask"].bool(), inputs["word_id"], inputs["word_mask"])
     assert (out["pred_boxes"] - ref["pred_boxes"]).abs().max().item() <= 1e-4

@@ -6,6 +6,12 @@ CPU, torch.manual_seed(0) before build_model): TransVG_random_{r50,r101,r50_q40}
 and io.pt / io_r101.pt / io_q40.pt holding one batch of 2 eval-transformed samples (img, img_mask 1 = pad, word_id,
 word_mask), its pred_boxes, and the VL transformer's output (intermediates["vl_out"], sequence-first). Without them
 the test is skipped, saying so: CI has no copy of the official code.
+
+To make them (2 cores, a few minutes; nothing of the official code enters this project): the scripts in the shared
+tools folder beside this checkout, ../shared/tools/transvg_reference/ (its README has the details), extract the
+official snapshot to a scratch folder, install its two extra packages and import it at run time:
+    bash ../shared/tools/transvg_reference/setup_transvg.sh <git dir of github.com/djiajunustc/TransVG>
+    python ../shared/tools/transvg_reference/make_reference.py      # writes the files above into $TRANSVG_REF
 """
 import os
 
@@ -23,7 +29,8 @@ CASES = [("TransVG_random_r50.pth", "io.pt"), ("TransVG_random_r101.pth", "io_r1
 @pytest.mark.parametrize("ckpt,io", CASES)
 def test_same_outputs_as_official_transvg(ckpt, io):
     if not os.path.isfile(os.path.join(REF, io)):
-        pytest.skip(f"no official TransVG reference outputs in {REF} (make_reference.py writes them; not in CI)")
+        pytest.skip(f"no official TransVG reference outputs in {REF} (this file's docstring says how to make them; "
+                    f"not in CI)")
     model = load_model(os.path.join(REF, ckpt))
     with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # the file records torch.__version__
         ref = torch.load(os.path.join(REF, io), weights_only=True)

@@ -1,0 +1,80 @@
+"""world.py: before a run on the synthetic world, its toy models are built at the presets' paths only, checked
+against the run's settings, and the whole default path (toy CLIP, toy DETR, distillation, evaluation) runs offline.
+
+Run: python -m pytest -q tests/test_world.py
+"""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from test_toy import TINY_TEACHER
+
+import data
+import evaluate
+import runtime
+import train
+import world
+from config import PRESETS
+from flags import UsageError
+from toy import ToyCLIPConfig
+
+SHAPES = PRESETS["shapes"]
+
+
+def test_hub_access_is_off_in_tests():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the default path must not need the network
+
+
+@pytest.mark.slow
+def test_default_path_builds_teacher_and_detr_distils_evaluates_and_draws(tmp_path, tiny_train_flags, monkeypatch):
+    # train.py builds the missing toy teacher with ToyCLIPConfig's defaults; shrink them to CI size
+    monkeypatch.setattr(world, "ToyCLIPConfig",
+                        lambda **kw: ToyCLIPConfig(**{**kw, **{k: v for k, v in TINY_TEACHER.items() if k != "steps"}}))
+    # toy models are built only at the preset's own paths (relative: under tmp_path here), never at a typed one
+    monkeypatch.chdir(tmp_path)
+    teacher, detr = SHAPES["teacher"], SHAPES["visual_init"]  # and the preset's frozen, cached branch
+    out = train.main(tiny_train_flags(tmp_path / "run", "--distill=cos", f"--teacher={teacher}",
+                                      "--toy_teacher_steps=20", "--epochs=2", f"--visual_init={detr}",
+                                      "--toy_detr_steps=3", "--cache_visual=true", "--augment=false"))
+    teacher, detr = tmp_path / teacher, tmp_path / detr
+    assert (teacher / "metrics.json").exists() and out["step"] == 6 and out["test_n"] == 9
+    assert torch.load(detr, weights_only=True)["toy_config"]["steps"] == 3
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["train_distill_img"] > 0 and log[0]["train_distill_txt"] > 0
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert ckpt["teacher"]["name"] == SHAPES["teacher"]  # as given: relative to where the run started
+    results = evaluate.main([f"--ckpt={tmp_path / 'run' / 'best.pt'}", "--device=cpu", "--num_workers=0", "--vis=2",
+                             f"--out_dir={tmp_path / 'vis'}"])
+    assert set(results) == {"val", "test"} and len(list((tmp_path / "vis").glob("*.png"))) == 4
+
+
+def test_a_toy_teacher_built_with_other_settings_is_refused_not_reused(tmp_path):
+    vocab = tmp_path / "vocab"
+    data.write_shapes_vocab(str(vocab))
+    built = ToyCLIPConfig(out_dir=str(tmp_path / "clip"), **TINY_TEACHER)
+    (tmp_path / "clip").mkdir()  # stands for a finished build: its settings are in metrics.json
+    (tmp_path / "clip" / "metrics.json").write_text(json.dumps({"config": dataclasses.asdict(built)}))
+    world.check_world_files(str(vocab), built)  # the same settings: reused
+    with pytest.raises(ValueError, match=r"other settings: steps 30 \(this run: 400\); imsize 64 \(this run: 128\)"):
+        world.check_world_files(str(vocab), dataclasses.replace(built, steps=400, imsize=128))
+    (vocab / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nred\n")
+    with pytest.raises(ValueError, match="lacks words the synthetic world says"):
+        world.check_world_files(str(vocab), None)
+
+
+def test_toy_models_are_built_at_the_presets_paths_only_never_at_a_typed_one(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.chdir(tmp_path)
+    env = runtime.DeviceEnv(torch.device("cpu"), False, 0, 0, 1)
+    mcfg = tiny_config(text_encoder=str(tmp_path / "typo" / "vocab"), visual_init=str(tmp_path / "typo" / "detr.pth"))
+    with pytest.raises(UsageError) as info:
+        world.prepare(mcfg, data.DataConfig(toy_teacher_steps=30), str(tmp_path / "typo" / "clip"), env)
+    assert [line.split(":")[0] for line in str(info.value).splitlines()] == [
+        f"--text_encoder {tmp_path}/typo/vocab", f"--teacher {tmp_path}/typo/clip",
+        f"--visual_init {tmp_path}/typo/detr.pth"]
+    assert f"python toy.py --out_dir {tmp_path}/typo/clip --steps 30 --imsize 64" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing built, not even the folder
+    # the preset's own path: written on first use (distillation off, no DETR: only the vocabulary)
+    world.prepare(tiny_config(text_encoder=SHAPES["text_encoder"]), data.DataConfig(), None, env)
+    assert (tmp_path / SHAPES["text_encoder"] / "vocab.txt").exists()

@@ -1,0 +1,151 @@
+"""Before a run on the synthetic world: the files it loads that nobody can download, made once and checked.
+
+    world.prepare(mcfg, dcfg, teacher, env)    # train.py, when --dataset is shapes: vocabulary, toy CLIP, toy DETR
+
+The synthetic world (shapes.py) has no pretrained weights to download, so the student's BERT vocabulary, the CLIP
+teacher and the DETR its visual branch starts from are made on the world itself (toy.py builds them), once, cached
+under out/ and loaded through the same flags as the real ones (--text_encoder, --teacher, --visual_init). They are
+built only at the presets' own paths (TOY_PATHS): a path the user typed is used as it is or refused with what to do,
+never filled with toy files, and a hub name such as openai/clip-vit-base-patch16 never becomes a folder. A cached one
+made with other settings than the run asks for is refused, never reused silently (check_world_files).
+check_inputs is the world's part of preflight.check_inputs, which runs before anything is built or written.
+"""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import data
+import shapes
+from config import PRESETS, QRNET_PRESETS
+from files import read_checkpoint
+from flags import UsageError
+from model import ModelConfig
+from runtime import DeviceEnv, print0
+from toy import VISUAL_FIELDS, ToyCLIPConfig, ToyDETRConfig, build_toy_detr, build_toy_teacher
+
+# The only paths prepare builds toy models at, when they are missing: the presets' own
+TOY_PATHS = {"text_encoder": (PRESETS["shapes"]["text_encoder"],),
+             "teacher": (PRESETS["shapes"]["teacher"], QRNET_PRESETS["shapes"]["teacher"]),
+             "visual_init": (PRESETS["shapes"]["visual_init"],)}
+
+# -----------------------------------------------------------------------------
+# before the run: what it will build, what it cannot
+
+
+def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """The world's part of preflight.check_inputs (cfg: the TrainConfig), creating nothing: (problems; {flag: note}
+    for each toy model the run will build first, which preflight then does not look for; {flag: what to do} for
+    each given path that does not exist, since nothing is built there)."""
+    problems = []
+    if cfg.train_split in shapes.SPLITS:  # its sizes are known without a file
+        flag = "shapes_train_size" if cfg.train_split == "train" else "shapes_eval_size"
+        n = getattr(dcfg, flag) or shapes.SPLITS[cfg.train_split][1]
+        if n < cfg.batch_size:
+            problems.append(f"--{flag} {n}: fewer training samples than one batch (--batch_size {cfg.batch_size}); "
+                            f"give at least {cfg.batch_size}, or a smaller --batch_size")
+    teacher = None if cfg.distill == "none" else cfg.teacher
+    detr = None if cfg.resume or mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else mcfg.visual_init
+    given = {"text_encoder": mcfg.text_encoder, "teacher": teacher, "visual_init": detr}
+    what = {"text_encoder": "vocabulary", "teacher": "toy CLIP", "visual_init": "toy DETR"}
+    building = {flag: f"the synthetic world's {what[flag]} will be built at {path}" for flag, path in given.items()
+                if path in TOY_PATHS[flag] and not os.path.exists(path)}
+    advice = {flag: how for flag, path in given.items() if path is not None
+              for how in [not_built_here(flag, path, mcfg, dcfg)] if how}
+    try:  # toy models already built: with this run's settings?
+        check_world_files(mcfg.text_encoder, *toy_configs(mcfg, dcfg, teacher))
+    except UsageError as e:
+        problems.append(str(e))
+    return problems, building, advice
+
+
+def not_built_here(flag: str, path: str, mcfg: ModelConfig, dcfg: data.DataConfig) -> str | None:
+    """For a path given to --text_encoder, --teacher or --visual_init (flag) on the synthetic world that does not
+    exist: what to do instead, since prepare builds nothing there. None when it exists or is a preset's."""
+    if os.path.exists(path) or path in TOY_PATHS[flag]:
+        return None
+    return {"text_encoder": f"the synthetic world's vocabulary is written on first use to {TOY_PATHS[flag][0]} "
+                            f"only; leave --text_encoder out to use it, or give a folder that holds a vocab.txt",
+            "teacher": f"toy CLIPs are built on first use at {' and '.join(TOY_PATHS['teacher'])} only; to build "
+                       f"one at {path} on purpose: python toy.py --out_dir {path} --steps {dcfg.toy_teacher_steps} "
+                       f"--imsize {mcfg.imsize} --shapes_image_size {dcfg.shapes_image_size}",
+            "visual_init": f"the toy DETR is built on first use at {TOY_PATHS[flag][0]} only; leave --visual_init "
+                           f"out to use it, or pass random or a checkpoint that exists"}[flag]
+
+
+# -----------------------------------------------------------------------------
+# the run's first step: build what is missing, then check what is there
+
+
+def prepare(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None, env: DeviceEnv) -> None:
+    """Make what a shapes run loads but nobody can download, once, by rank 0; later runs reuse it: the world's BERT
+    vocabulary, its toy CLIP teacher (teacher None: no distillation) and its toy DETR (visual_init a file path).
+    Only at the presets' own paths (TOY_PATHS): a path the user typed is used as it is or refused (not_built_here),
+    never filled with toy files, and a hub name such as openai/clip-vit-base-patch16 never becomes a folder."""
+    wanted, detr = toy_configs(mcfg, dcfg, teacher)
+    given = {"text_encoder": mcfg.text_encoder, "teacher": teacher, "visual_init": None if detr is None else detr.path}
+    refused = [f"--{flag} {path}: no such {'file' if flag == 'visual_init' else 'folder'}; {how}"
+               for flag, path in given.items() if path is not None and (flag == "visual_init" or os.path.isabs(path))
+               for how in [not_built_here(flag, path, mcfg, dcfg)] if how]
+    if refused:  # preflight.check_inputs says so (and of relative ones, which may be hub names) before a run starts
+        raise UsageError("\n".join(refused))
+
+    def build_here(flag: str) -> bool:
+        return env.is_master and given[flag] is not None and not os.path.exists(given[flag]) and \
+            given[flag] in TOY_PATHS[flag]
+
+    if build_here("text_encoder"):
+        print0(f"writing the synthetic world's vocabulary to {data.write_shapes_vocab(mcfg.text_encoder)}")
+    if build_here("teacher"):
+        print0(f"no CLIP teacher at {teacher}: training the synthetic world's toy CLIP first "
+               f"(python toy.py does the same)")
+        build_toy_teacher(wanted)
+    if build_here("visual_init"):
+        print0(f"no visual branch at {detr.path}: pretraining the synthetic world's toy DETR first")
+        build_toy_detr(detr, mcfg, data.load_tokenizer(mcfg.text_encoder))
+    if env.ddp:
+        torch.distributed.barrier()
+    check_world_files(mcfg.text_encoder, wanted, detr)
+
+
+def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None
+                ) -> tuple[ToyCLIPConfig | None, ToyDETRConfig | None]:
+    """The toy CLIP and toy DETR a shapes run asks for (None: it uses none), as check_world_files compares them."""
+    wanted = None if teacher is None else ToyCLIPConfig(
+        out_dir=teacher, steps=dcfg.toy_teacher_steps, imsize=mcfg.imsize, shapes_image_size=dcfg.shapes_image_size)
+    detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else ToyDETRConfig(
+        path=mcfg.visual_init, steps=dcfg.toy_detr_steps, train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
+        shapes_image_size=dcfg.shapes_image_size, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
+    return wanted, detr
+
+
+def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None, detr: ToyDETRConfig | None = None) -> None:
+    """Refuse a cached vocabulary, toy CLIP or toy DETR that was made by other code or settings than this run asks
+    for, never reuse it silently. A CLIP folder without our metrics.json, or a checkpoint without our toy_config,
+    is something someone supplied: it is used as given."""
+    vocab = Path(text_encoder) / "vocab.txt"
+    if vocab.exists() and not (Path(text_encoder) / "config.json").exists():  # a real BERT folder has one
+        missing = sorted(set(shapes.WORDS) - set(vocab.read_text().split()))
+        if missing:  # e.g. written by an older version of the world: its new words would all be [UNK]
+            raise UsageError(f"{vocab} lacks words the synthetic world says ({', '.join(missing[:5])}); delete "
+                             f"{text_encoder} to have it rewritten")
+    record = None if teacher is None else Path(teacher.out_dir) / "metrics.json"
+    if record is not None and record.exists():
+        _same_settings(f"the toy CLIP at {teacher.out_dir}", json.loads(record.read_text()).get("config", {}),
+                       teacher, "out_dir", "Delete the folder to rebuild it with this run's, or pass --teacher <another "
+                       "folder>")
+    if detr is not None and os.path.isfile(detr.path):
+        built = read_checkpoint(detr.path).get("toy_config")
+        if built is not None:
+            _same_settings(f"the toy DETR {detr.path}", built, detr, "path", "Delete it to rebuild it with this "
+                           "run's, or pass --visual_init <another path>")
+
+
+def _same_settings(what: str, built: dict, wanted, skip: str, fix: str) -> None:
+    diff = [f"{k} {built.get(k)!r} (this run: {v!r})" for k, v in asdict(wanted).items()
+            if k != skip and built.get(k) != v]
+    if diff:
+        raise UsageError(f"{what} was built with other settings: {'; '.join(diff)}. {fix}")

@@ -60,7 +60,7 @@ class TrainConfig:
     teacher_init: str = "pretrained"  # pretrained, or random: the teacher's architecture untrained (the control)
     teacher_trainable: bool = False  # Table 5 "unfrozen": CLIP trains at lr_visual with the distillation grads
     teacher_text_cache: int = 0  # frozen teacher: keep this many text embeddings, keyed on the exact expression
-    cache_visual: bool = False  # freeze the visual branch; its tokens (and the teacher's targets) once per sample (precompute.py)
+    cache_visual: bool = False  # frozen visual branch: its tokens, and teacher targets, once per sample (precompute.py)
     checkpoint_dir: str = "checkpoints"  # where visual_init=detr / mask_rcnn finds detr-r50-unc.pth, unc_latest.pth..
     out_dir: str = ""  # default out/<dataset> (out/<dataset>_2, _3, ... when that holds an earlier run)
     overwrite: bool = False  # start over in an --out_dir that holds a run: its checkpoints and log are deleted

@@ -1,9 +1,9 @@
 """What a run writes and reads: checkpoints written atomically and read safely, run folders that hold one run each.
 
 Contents
-  checkpoints    save_atomic (never half-written, a full disk said so; write_atomic for other files), read_checkpoint (weights_only: tensors and
-                 plain data, nothing unpickled), save_training_state / load_training_state (an exact resume: weights,
-                 optimizer, scaler, every rank's RNG streams), git_sha
+  checkpoints    save_atomic (never half-written, a full disk said so), write_atomic (any other file),
+                 read_checkpoint (weights_only: tensors and plain data, nothing unpickled), save_training_state /
+                 load_training_state (an exact resume: weights, optimizer, scaler, every rank's RNG streams), git_sha
   run folders    holds_run, lock_holder, check_run_dir (the refusals, checked before anything is created),
                  lock_run_dir, claim_run_dir: a run never writes over another, and two runs never share a folder
 """

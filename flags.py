@@ -10,8 +10,8 @@
                  with status 2, while any other exception is a bug and keeps its traceback
 
 Why not transformers.HfArgumentParser: it takes help texts only from field(metadata={"help": ...}), which would
-double the length of every config class and move the help away from the one-line comments the house style asks
-for; it cannot parse dict fields (ModelConfig.text_config: `--text_config={"hidden_size": 64}` is "invalid dict
+double the length of every config class and move the help away from the one-line trailing comment each field
+carries; it cannot parse dict fields (ModelConfig.text_config: `--text_config={"hidden_size": 64}` is "invalid dict
 value"); and presets still need the two-pass parse below.
 
 This file imports nothing from the project.

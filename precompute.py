@@ -77,7 +77,8 @@ class Precomputed(Dataset):
                     fields["image"] = batch["image"]
                 elif teacher is not None:
                     image, text = teacher.targets(transforms.unnormalise(images), batch["text"], widths)
-                    fields.update({k: v for k, v in (("teacher_image", image), ("teacher_text", text)) if v is not None})
+                    targets = {"teacher_image": image, "teacher_text": text}  # None: a modality not distilled
+                    fields.update({k: v for k, v in targets.items() if v is not None})
                 for k, v in fields.items():
                     parts.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
                 self.text += batch["text"]

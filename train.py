@@ -39,6 +39,7 @@ import data
 import files
 import interop
 import precompute
+import runtime
 import world
 from clip_teacher import CLIPTeacher
 from config import FORMAT_VERSION, TrainConfig, defaults, resume_configs
@@ -47,17 +48,7 @@ from flags import UsageError, cli, parse_config
 from losses import distill_loss, total_loss
 from model import GroundingModel, ModelConfig, count_parameters, resolve_text_config
 from preflight import check_inputs
-from runtime import (
-    DeviceEnv,
-    EpochSeeded,
-    amp_dtype,
-    autocast_for,
-    average_gradients,
-    epoch_batches,
-    print0,
-    setup_device,
-    sync_buffers,
-)
+from runtime import DeviceEnv, EpochSeeded, print0
 
 # -----------------------------------------------------------------------------
 # what the flags leave implicit, the lr schedule, the parameter groups
@@ -140,7 +131,7 @@ def optimizer_step(run: Run, batches, step: int) -> dict[str, float]:
     for micro in range(run.accum):
         batch = {k: v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
         with run.model.no_sync() if env.ddp and micro < run.accum - 1 else contextlib.nullcontext():
-            with autocast_for(env.device, cfg.dtype):
+            with runtime.autocast_for(env.device, cfg.dtype):
                 out = run.model(*run.feed.student_inputs(batch))  # the student
                 distill_terms = {}
                 if run.teacher is not None:  # the teacher's [DIE] and [DTE], pooled to the student's widths (eq. 5-7)
@@ -160,7 +151,7 @@ def optimizer_step(run: Run, batches, step: int) -> dict[str, float]:
         raise FloatingPointError(f"non-finite loss at optimizer step {step}: {terms}; stopped before the update, so "
                                  f"{cfg.out_dir}/last.pt is the last good checkpoint")
     if run.teacher is not None and cfg.teacher_trainable and env.ddp:
-        average_gradients(run.teacher.parameters(), env.world_size)  # the teacher is outside DDP
+        runtime.average_gradients(run.teacher.parameters(), env.world_size)  # the teacher is outside DDP
     if cfg.clip_grad > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
@@ -183,7 +174,8 @@ def train_epoch(run: Run, step: int, best: float, metrics: dict) -> tuple[int, f
     """Optimizer steps from `step` to the end of its epoch (or of the run), saving and evaluating when due, then
     last.pt and one line of log.jsonl. Returns (step, best val Acc@0.5, the latest evaluation's metrics)."""
     cfg, env = run.cfg, run.env
-    epoch, batches = step // run.steps_per_epoch, epoch_batches(run.train_set, step, run.steps_per_epoch, cfg, env)
+    epoch = step // run.steps_per_epoch
+    batches = runtime.epoch_batches(run.train_set, step, run.steps_per_epoch, cfg, env)
     epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
     bar = tqdm(total=epoch_end - step, desc=f"epoch {epoch}", disable=not env.is_master, dynamic_ncols=True)
     sums, done, t0 = {}, 0, time.time()
@@ -198,7 +190,7 @@ def train_epoch(run: Run, step: int, best: float, metrics: dict) -> tuple[int, f
         if cfg.save_every and step % cfg.save_every == 0 and step != epoch_end:  # a crash loses minutes
             save_checkpoint(run, "last.pt", step, best)
         if eval_due(step, epoch_end, run.total_steps, cfg.eval_every):
-            sync_buffers(run.raw_model, env)
+            runtime.sync_buffers(run.raw_model, env)
             metrics = score(run, run.eval_set)
             if metrics["acc@0.5"] > best:
                 best = metrics["acc@0.5"]
@@ -250,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     configs = parse_config(argv, [TrainConfig, data.DataConfig, ModelConfig], defaults, __doc__)
     if configs[0].resume:
         configs = resume_configs(configs, argv)
-    env = setup_device(configs[0].device)
+    env = runtime.setup_device(configs[0].device)
     try:
         to_build = check_inputs(*configs, env)  # every refusal comes here, before a file is written
         if configs[0].dry_run:
@@ -299,17 +291,17 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     total_steps = min(cfg.max_steps or cfg.epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
 
     # the student, the teacher (never part of the student: stored by name), what the teacher's targets are pooled to
-    model = build_student(mcfg, cfg, env)
+    model, amp = build_student(mcfg, cfg, env), runtime.amp_dtype(env.device, cfg.dtype)  # amp None: fp32
     teacher = None if cfg.distill == "none" else CLIPTeacher(
         cfg.teacher, device=env.device, trainable=cfg.teacher_trainable, init=cfg.teacher_init,
-        dtype=amp_dtype(env.device, cfg.dtype) or torch.float32, text_cache_size=cfg.teacher_text_cache)
+        dtype=amp or torch.float32, text_cache_size=cfg.teacher_text_cache)
     cv, ct = model.distill_widths(cfg.distill_loc)  # the teacher runs only the towers the modality needs
     widths = (cv if cfg.distill_modality != "text" else None, ct if cfg.distill_modality != "image" else None)
 
     # optimizer; a resumed run restores weights, optimizer, counters and RNG (the lr follows from the step)
     optimizer = torch.optim.AdamW(param_groups(model, teacher, cfg), weight_decay=cfg.weight_decay,
                                   fused=env.device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(env.device, cfg.dtype) == torch.float16)  # fp16 only
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # fp16 only: bf16 needs no loss scaling
     run = Run(cfg, env, model, model, teacher, precompute.OnTheFly(teacher, widths, cfg.channels_last), optimizer,
               scaler, train_set, eval_set, configs, steps_per_epoch, total_steps, time.time())
     step, best = resume(run) if cfg.resume else (0, -1.0)

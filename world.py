@@ -117,8 +117,9 @@ def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None
     wanted = None if teacher is None else ToyCLIPConfig(
         out_dir=teacher, steps=dcfg.toy_teacher_steps, imsize=mcfg.imsize, shapes_image_size=dcfg.shapes_image_size)
     detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else ToyDETRConfig(
-        path=mcfg.visual_init, steps=dcfg.toy_detr_steps, train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
-        shapes_image_size=dcfg.shapes_image_size, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
+        path=mcfg.visual_init, steps=dcfg.toy_detr_steps, shapes_image_size=dcfg.shapes_image_size,
+        train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
+        model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
     return wanted, detr
 
 
@@ -135,8 +136,8 @@ def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None, detr: To
     record = None if teacher is None else Path(teacher.out_dir) / "metrics.json"
     if record is not None and record.exists():
         _same_settings(f"the toy CLIP at {teacher.out_dir}", json.loads(record.read_text()).get("config", {}),
-                       teacher, "out_dir", "Delete the folder to rebuild it with this run's, or pass --teacher <another "
-                       "folder>")
+                       teacher, "out_dir", "Delete the folder to rebuild it with this run's, or pass --teacher "
+                       "<another folder>")
     if detr is not None and os.path.isfile(detr.path):
         built = read_checkpoint(detr.path).get("toy_config")
         if built is not None:

@@ -310,6 +310,21 @@ def official_to_ours(sd: dict, backbone: str, neck: str, into: str = "") -> tupl
     return renamed, left
 
 
+def ours_to_official(sd: dict, backbone: str, neck: str) -> dict:
+    """official_to_ours reversed: a state dict relative to QRNetVisual (no scale_embed: it has no official name) under
+    the official (mmdet) names, Swin keys after `backbone`, the neck's after `neck`; relative_position_index back to
+    mmdet's square (w^2,w^2). What toy.build_toy_swin saves, and tests fabricate official checkpoints with."""
+    out = {}
+    for k, v in sd.items():
+        key, pairs, prefix = (k[len("neck."):], NECK_NAMES, neck) if k.startswith("neck.") else (
+            k, BACKBONE_NAMES, backbone)
+        name = _rename(key, [(ours, theirs) for theirs, ours in pairs])
+        if name is None:
+            raise KeyError(f"no official name for {k}")
+        out[prefix + name] = v.view(math.isqrt(v.numel()), -1) if name.endswith("relative_position_index") else v
+    return out
+
+
 def qrnet_to_ours(sd: dict, max_query_len: int) -> dict:
     """Map an official QRNet state dict to ours: Swin, QD-ATT and neck by official_to_ours, the rest as
     TransVG's (position rows reordered); dropped, as they never run: BERT's pooler, the RPN head, scale-embedding

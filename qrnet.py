@@ -131,10 +131,16 @@ class QueryNeck(nn.Module):
             nn.init.xavier_uniform_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, stages: list[torch.Tensor], query: torch.Tensor) -> list[torch.Tensor]:
+    def top_down(self, stages: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The lateral convs and the top-down sums, [(B,D,h,w)] x 4: what a detector's FPN computes before its 3x3
+        output convs (toy.build_toy_swin trains them so)."""
         laterals = [conv(x) for conv, x in zip(self.lateral, stages)]  # (B,D,h,w) each
         for i in range(len(laterals) - 1, 0, -1):  # top-down; sizes halve exactly, so nearest = each cell 2x2 times
             laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:])
+        return laterals
+
+    def forward(self, stages: list[torch.Tensor], query: torch.Tensor) -> list[torch.Tensor]:
+        laterals = self.top_down(stages)
         levels = [laterals[0]]
         for qdatt, lateral in zip(self.qdatt, laterals[1:]):  # bottom-up, in sequence: O_1 is gated with its sum
             B, D, h, w = levels[-1].shape
@@ -193,13 +199,20 @@ class QRNetVisual(nn.Module):
 
     def features(self, images: torch.Tensor, query: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(stage outputs [(B,c_s,h,w)] x 4, neck levels [(B,D,h,w)] x 5)."""
+        stages = self.stage_outputs(images, query)
+        return stages, self.neck(stages, query)
+
+    def stage_outputs(self, images: torch.Tensor, query: torch.Tensor | None) -> list[torch.Tensor]:
+        """Swin's stage outputs [(B,c_s,h,w)] x 4, each stage gated by QD-ATT; query None: without QD-ATT, the
+        Swin of the detector QRNet starts from (toy.build_toy_swin)."""
         x = self.patch_embed(images)  # (B,S/4,S/4,c_0)
         stages = []
         for s, blocks in enumerate(self.stages):
             x = blocks(x)
             B, h, w, c = x.shape
-            x = self.qdatt[s](x.reshape(B, h * w, c), query).view(B, h, w, c)
+            if query is not None:
+                x = self.qdatt[s](x.reshape(B, h * w, c), query).view(B, h, w, c)
             stages.append(self.stage_norms[s](x).permute(0, 3, 1, 2).contiguous())  # (B,c,h,w)
             if s < len(self.merges):
                 x = self.merges[s](x)
-        return stages, self.neck(stages, query)
+        return stages

@@ -9,8 +9,8 @@ Fixtures and helpers
   shapes_tok           the synthetic world's word-level BERT tokenizer
   tiny_train_flags     train.py flags for a seconds-long run on the synthetic world
   torchrun             a script under torchrun with 2 CPU processes
-  ours_to_transvg, ours_to_qrnet, ours_to_mmdet_swin   our weights under the official names, to fabricate official
-                       checkpoints (the library reads those formats, interop.py; it never writes them)
+  ours_to_transvg, ours_to_qrnet   our weights under the official names, to fabricate official checkpoints (the
+                       library reads those formats, interop.py; of them it writes only mmdet's Swin, for the toy Swin)
 """
 import functools
 import os
@@ -132,33 +132,12 @@ def ours_to_transvg(sd: dict, max_query_len: int) -> dict:
     return sd
 
 
-def ours_to_mmdet_swin(sd: dict, backbone: str, neck: str) -> dict:
-    """A state dict relative to qrnet.QRNetVisual under the official (mmdet) names: Swin keys after `backbone`, the
-    neck's after `neck`; relative_position_index back to mmdet's square (w^2, w^2)."""
-    import re
-    out = {}
-    for k, v in sd.items():
-        is_neck = k.startswith("neck.")
-        key, pairs = (k[len("neck."):], interop.NECK_NAMES) if is_neck else (k, interop.BACKBONE_NAMES)
-        for theirs, ours in pairs:
-            m = re.match(re.escape(ours).replace(r"\#", r"(\d+)"), key)
-            if m:
-                name = theirs.replace("#", "{}").format(*m.groups()) + key[m.end():]
-                break
-        else:
-            raise KeyError(f"no official name for {k}")
-        if name.endswith("relative_position_index"):
-            v = v.view(int(v.numel() ** 0.5), -1)
-        out[(neck if is_neck else backbone) + name] = v
-    return out
-
-
 def ours_to_qrnet(sd: dict, max_query_len: int) -> dict:
     """Our QRNet state dict under the official QRNet names; scale-embedding rows 0-2, which QRNet never reads, zero."""
     sd = dict(sd)
     scale = sd.pop("visual.scale_embed")  # (2,D)
     visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     rest = {k: v for k, v in sd.items() if not k.startswith("visual.")}
-    return {**ours_to_mmdet_swin(visual, "visumodel.backbone.", "visumodel.neck."),
+    return {**interop.ours_to_official(visual, "visumodel.backbone.", "visumodel.neck."),
             **ours_to_transvg(rest, max_query_len), "scale_embed.weight": torch.cat([scale.new_zeros(3, len(scale[0])),
                                                                                      scale])}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_SWIN, ours_to_mmdet_swin, ours_to_qrnet
+from conftest import TINY_SWIN, ours_to_qrnet
 
 import config
 import data
@@ -16,7 +16,7 @@ import evaluate
 import qrnet
 import train
 from flags import UsageError
-from interop import load_model, new_model, qrnet_config, qrnet_to_ours
+from interop import load_model, new_model, ours_to_official, qrnet_config, qrnet_to_ours
 from losses import total_loss
 from model import GroundingModel, example_inputs
 
@@ -225,7 +225,7 @@ def mask_rcnn_checkpoint(model):
     output convs QRNet drops."""
     visual = {k: v.clone() for k, v in model.visual.state_dict().items()
               if ".qdatt." not in "." + k and k != "scale_embed"}
-    sd = ours_to_mmdet_swin(visual, "backbone.", "neck.")
+    sd = ours_to_official(visual, "backbone.", "neck.")
     sd |= {"neck.fpn_convs.0.conv.weight": torch.zeros(32, 32, 3, 3), "rpn_head.rpn_cls.weight": torch.zeros(3, 32, 1, 1),
            "roi_head.bbox_head.fc_cls.weight": torch.zeros(81, 64), "roi_head.mask_head.conv_logits.bias": torch.zeros(80)}
     return {"meta": {"mmdet_version": "2.11.0", "CLASSES": ("person", "bicycle")}, "state_dict": sd}

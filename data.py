@@ -86,7 +86,7 @@ class DataConfig:
     shapes_rare_keep: float = shapes.RARE_KEEP  # shapes: how often the train split may say a rare word (1 = as val)
     blind_text: bool = False  # the text-blind baseline: every expression becomes "" after the transform
     toy_teacher_steps: int = 600  # shapes: training steps of the toy CLIP, built on first use (world.py, toy.py)
-    toy_detr_steps: int = 600  # shapes: training steps of the toy DETR, built on first use (world.py, toy.py)
+    toy_detr_steps: int = 600  # shapes: training steps of the toy DETR (QRNet: the toy Swin), built on first use
 
     def __post_init__(self) -> None:
         check_fields(self, [("dataset", self.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),

@@ -136,8 +136,10 @@ def load_visual_checkpoint(model: GroundingModel, path: str) -> dict[str, list[s
         raise ValueError(f"{path} does not fit backbone={model.cfg.backbone} enc_layers={model.cfg.enc_layers}: "
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
     model.visual.load_state_dict(mapped, strict=False)
-    print(f"visual branch: loaded {len(mapped)} tensors from {path}; ignored {len(ignored)} "
-          f"({', '.join(sorted({'.'.join(k.split('.')[:2]) for k in ignored}))})")
+    kept = "; QD-ATT and the scale embeddings keep their initialisation (a detector has none)" if swin is not None \
+        and not qdatt else ""
+    print(f"visual branch: loaded {len(mapped)} tensors from {path}; ignored {len(ignored)}" +
+          (f" ({', '.join(sorted({'.'.join(k.split('.')[:2]) for k in ignored}))})" if ignored else "") + kept)
     return {"loaded": sorted(mapped), "ignored": sorted(ignored)}
 
 

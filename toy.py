@@ -1,22 +1,25 @@
-"""The synthetic world's pretrained pieces, trained on the world itself: a toy CLIP teacher and a toy DETR.
+"""The synthetic world's pretrained pieces, trained on the world itself: a toy CLIP teacher, a toy DETR, a toy Swin.
 
     python toy.py                       # train the toy CLIP teacher into out/shapes_clip (train.py does it too)
 
 Real EpmVG starts from weights made elsewhere: CLIP for the teacher, BERT and DETR for the student. The synthetic
 world (shapes.py) has none, so this file makes them on the world itself; world.py builds them before a run, once,
 at the presets' paths under out/, and they load through the same flags as the real ones (--teacher <folder>,
---visual_init <DETR checkpoint>):
+--visual_init <DETR or Mask R-CNN checkpoint>):
   toy CLIP          a small transformers CLIPModel trained with CLIP's own objective (symmetric cross-entropy over
                     image-text similarities) on (canvas, expression) pairs of the world's captions split, scenes that
                     the grounding data never show, where the rare words are common; then frozen as the teacher
   toy DETR          the student's own visual branch (ResNet + encoder) trained to detect the world's objects from
                     the pixels alone, saved in DETR's checkpoint layout
+  toy Swin          for a QRNet student: its Swin and the neck's lateral convs trained the same way, a toy Mask R-CNN
+                    Swin saved in mmdet's layout; QD-ATT, which a detector has none of, is left out
 
 Everything here goes through the project's own code paths (data.py's transforms, the student's visual branch,
 CLIPTeacher's preprocessing and tokenizer), so the toy models are trained on exactly what they see later. There is
 no toy BERT: a random 1-layer BERT over the world's 24 words, trained with the fusion, is enough.
 """
 
+import functools
 import json
 import math
 import os
@@ -33,15 +36,17 @@ from torch.utils.data import DataLoader
 from torchvision.ops import box_convert
 
 import data
+import qrnet
 import shapes
 import transforms
 from clip_teacher import CLIPTeacher, save_random_clip
-from config import PRESETS
+from config import PRESETS, QRNET_PRESETS
 from flags import UsageError, cli, parse_config
-from interop import DETR_PREFIXES, rename_keys
+from interop import DETR_PREFIXES, ours_to_official, rename_keys
 from model import GroundingModel, ModelConfig
 
 SHAPES = PRESETS["shapes"]  # the laptop run's recipe: the student these toy models serve
+QRNET = QRNET_PRESETS["shapes"]  # what a QRNet student changes in it
 
 # -----------------------------------------------------------------------------
 # the toy CLIP teacher
@@ -58,7 +63,7 @@ class ToyCLIPConfig:
     width: int = 128  # width of both towers
     layers: int = 2  # transformer layers in each tower
     embed_dim: int = 2 * SHAPES["hidden_dim"]  # pools to the student's width by pairs, as CLIP's 512 -> 256 does
-    imsize: int = SHAPES["imsize"]  # the student's canvas side, which the teacher sees
+    imsize: int = SHAPES["imsize"]  # the canvas it learns on: the world preset's, whatever the student's (world.py)
     shapes_image_size: int = 128  # long side of the world's images
     eval_size: int = 512  # held-out val pairs for the retrieval accuracy
     augment: bool = False  # train on augmented canvases; the preset's student sees unaugmented ones (cache_visual)
@@ -181,7 +186,8 @@ def build_toy_teacher(cfg: ToyCLIPConfig) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# the toy DETR: the student's visual branch, pretrained on the world's images without a word of text
+# the toy DETR: the student's visual branch, pretrained on the world's images without a word of text (and what the
+# toy Swin shares with it: the targets, the loss, the loop)
 
 ATTRIBUTES = (("size", tuple(shapes.SIZES)), ("colour", tuple(shapes.COLOURS)), ("shape", shapes.SHAPE_NAMES))
 VISUAL_FIELDS = ("backbone", "resnet_stages", "trainable_bn", "imsize", "hidden_dim", "nheads", "dim_feedforward",
@@ -233,10 +239,55 @@ def detection_loss(out: torch.Tensor, targets: dict, vis_is_pad: torch.Tensor) -
     return loss + 5 * box_l1, {**metrics, "box_l1": box_l1.item()}
 
 
-def _detection_batch(world: data.ShapesWorld, indices: list[int], stride: int) -> dict:
+def _detection_batch(world: data.ShapesWorld, indices: list[int], strides: list[int]) -> tuple[dict, list[dict]]:
+    """The scenes' canvases (image, img_is_pad) and their cell_targets at each stride."""
     samples = [world[i] for i in indices]
-    return {**data.collate([{k: s[k] for k in ("image", "img_is_pad")} for s in samples]),
-            **data.collate([cell_targets(s, world.scene(i), stride) for s, i in zip(samples, indices)])}
+    return (data.collate([{k: s[k] for k in ("image", "img_is_pad")} for s in samples]),
+            [data.collate([cell_targets(s, world.scene(i), stride) for s, i in zip(samples, indices)])
+             for stride in strides])
+
+
+def _detection_head(dim: int) -> nn.Linear:
+    """A linear layer per token, (...,D) -> (...,1+classes+4) as detection_loss reads it; thrown away after."""
+    return nn.Linear(dim, 1 + sum(len(names) for _, names in ATTRIBUTES) + 4)
+
+
+def _detector_worlds(cfg, mcfg: ModelConfig, tokenizer) -> tuple[data.ShapesWorld, data.ShapesWorld]:
+    """cfg.train_size unaugmented train scenes and 512 val ones (its metrics). The train split's scenes as the default
+    world draws them, whatever --shapes_rare_keep a run asks for: a detector needs only the pictures, and one toy
+    detector then serves every regime of the words."""
+    kw = dict(train=False, imsize=mcfg.imsize, max_query_len=mcfg.max_query_len, image_size=cfg.shapes_image_size)
+    return data.ShapesWorld("train", tokenizer, size=cfg.train_size, **kw), data.ShapesWorld("val", tokenizer, size=512,
+                                                                                               **kw)
+
+
+def _said(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if k.endswith("box_l1") else f"{k} {v:.0f}%" for k, v in metrics.items())
+
+
+def _pretrain(what: str, cfg, params: list, batch_loss) -> None:
+    """AdamW on params (30 warmup steps to cfg.lr, cosine decay to 0) over cfg.steps batches of cfg.batch_size of the
+    first cfg.train_size train scenes in a seeded order; batch_loss(indices) -> (loss, metrics)."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    order = torch.randperm(cfg.steps * cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed))
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        loss, metrics = batch_loss((order[step * cfg.batch_size:(step + 1) * cfg.batch_size] % cfg.train_size).tolist())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            print(f"toy {what} step {step + 1}/{cfg.steps}: loss {loss.item():.3f}, {_said(metrics)}", flush=True)
+
+
+def _save_detector(what: str, path: str, ckpt: dict, metrics: dict) -> None:
+    partial = path + ".partial"  # moved into place whole: a killed build never looks like a detector
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(ckpt, partial)
+    os.replace(partial, path)
+    print(f"toy {what} saved to {path} in {metrics['seconds']:.0f} s; on 512 held-out scenes: " +
+          _said({k[4:]: v for k, v in metrics.items() if k.startswith("val_")}))
 
 
 def build_toy_detr(cfg: ToyDETRConfig, mcfg: ModelConfig, tokenizer) -> dict:
@@ -251,45 +302,98 @@ def build_toy_detr(cfg: ToyDETRConfig, mcfg: ModelConfig, tokenizer) -> dict:
                  "vocab_size": 8, "max_position_embeddings": max(32, mcfg.max_query_len)}  # unused here
     model = GroundingModel(replace(mcfg, visual_init="random", text_init="random", text_config=tiny_text))
     torch.manual_seed(cfg.seed + 1)  # the head's draw, and the data order's, do not depend on the fusion's size
-    head = nn.Linear(mcfg.hidden_dim, 1 + sum(len(names) for _, names in ATTRIBUTES) + 4)
-    optimizer = torch.optim.AdamW([*model.visual.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=1e-4)
-    # the train split's scenes as the default world draws them, whatever --shapes_rare_keep a run asks for: the
-    # detector needs only the pictures, and one toy DETR then serves every regime of the words
-    world = data.ShapesWorld("train", tokenizer, train=False, imsize=mcfg.imsize, max_query_len=mcfg.max_query_len,
-                             size=cfg.train_size, image_size=cfg.shapes_image_size)
-    order = torch.randperm(cfg.steps * cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed))
+    head = _detection_head(mcfg.hidden_dim)
+    world, val = _detector_worlds(cfg, mcfg, tokenizer)
+
+    def batch_loss(world: data.ShapesWorld, indices: list[int]) -> tuple[torch.Tensor, dict]:
+        batch, (targets,) = _detection_batch(world, indices, [model.visual.stride])
+        vis, vis_is_pad, _ = model.visual(batch["image"], batch["img_is_pad"])  # tokens (B,N,D)
+        return detection_loss(head(vis), targets, vis_is_pad)
+
     model.train()
-    for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        indices = (order[step * cfg.batch_size:(step + 1) * cfg.batch_size] % len(world)).tolist()
-        batch = _detection_batch(world, indices, model.visual.stride)
-        vis, vis_is_pad, _ = model.visual(batch["image"], batch["img_is_pad"])
-        loss, metrics = detection_loss(head(vis), batch, vis_is_pad)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            print(f"toy DETR step {step + 1}/{cfg.steps}: loss {loss.item():.3f}, " +
-                  ", ".join(f"{k} {v:.3f}" if k == "box_l1" else f"{k} {v:.0f}%" for k, v in metrics.items()),
-                  flush=True)
+    _pretrain("DETR", cfg, [*model.visual.parameters(), *head.parameters()], functools.partial(batch_loss, world))
     model.eval()  # held-out scenes: what a frozen branch will know
-    val = data.ShapesWorld("val", tokenizer, train=False, imsize=mcfg.imsize, max_query_len=mcfg.max_query_len,
-                           size=512, image_size=cfg.shapes_image_size)
     with torch.no_grad():
-        batch = _detection_batch(val, list(range(len(val))), model.visual.stride)
-        vis, vis_is_pad, _ = model.visual(batch["image"], batch["img_is_pad"])
-        metrics = {f"val_{k}": v for k, v in detection_loss(head(vis), batch, vis_is_pad)[1].items()}
+        metrics = {f"val_{k}": v for k, v in batch_loss(val, list(range(len(val))))[1].items()}
     # DETR's names (backbone.0.body.*, transformer.encoder.layers.*), so --visual_init loads it like detr-r50.pth
     sd, _ = rename_keys(model.visual.state_dict(), {ours: theirs for theirs, ours in DETR_PREFIXES.items()})
     metrics.update(seconds=time.time() - t0)
-    partial = cfg.path + ".partial"  # moved into place whole: a killed build never looks like a DETR
-    os.makedirs(os.path.dirname(cfg.path) or ".", exist_ok=True)
-    torch.save({"model": sd, "toy_config": asdict(cfg), "metrics": metrics}, partial)
-    os.replace(partial, cfg.path)
-    print(f"toy DETR saved to {cfg.path} in {metrics['seconds']:.0f} s; on 512 held-out scenes: " +
-          ", ".join(f"{k[4:]} {v:.3f}" if k == "val_box_l1" else f"{k[4:]} {v:.0f}%" for k, v in metrics.items()
-                    if k.startswith("val_")))
+    _save_detector("DETR", cfg.path, {"model": sd, "toy_config": asdict(cfg), "metrics": metrics}, metrics)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# the toy Mask R-CNN Swin: a QRNet student's Swin and the neck's lateral convs, pretrained like the toy DETR
+
+# QRNet starts from a Mask R-CNN Swin-S trained on COCO: its Swin (with the stage norms mmdet adds) and its FPN's
+# lateral 1x1 convs, while QD-ATT, which a detector has none of, starts at its initialisation. The toy does the same on
+# the world: Swin without QD-ATT, laterals and top-down sums (qrnet.QueryNeck.top_down), a per-cell head on each level.
+SWIN_FIELDS = ("backbone", "swin", "imsize", "hidden_dim")  # the ModelConfig fields that shape the Swin and laterals
+SWIN_STRIDES = (4, 8, 16, 32)  # the FPN levels the head reads: Mask R-CNN's P2-P5
+
+
+@dataclass
+class ToySwinConfig:
+    path: str = QRNET["visual_init"]  # where the checkpoint goes, in mmdet's layout (--visual_init loads it)
+    steps: int = QRNET["toy_detr_steps"]  # training steps (train.py: --toy_detr_steps)
+    batch_size: int = 32  # canvases per step
+    lr: float = 2e-3  # AdamW, 30 warmup steps, cosine decay to 0
+    train_size: int = shapes.SPLITS["train"][1]  # the train scenes it learns from (unaugmented), whatever the run's
+    shapes_image_size: int = 128  # long side of the world's images
+    seed: int = 0  # initialisation and data order
+    model: dict | None = None  # the student's SWIN_FIELDS, swin resolved to its sizes: the architecture it trains
+
+
+def swin_fields(mcfg: ModelConfig) -> dict:
+    """SWIN_FIELDS of a QRNet student's ModelConfig, its Swin's sizes spelled out (swin None: its backbone's)."""
+    return {**{k: getattr(mcfg, k) for k in SWIN_FIELDS}, "swin": mcfg.swin or qrnet.SWIN_SIZES[mcfg.backbone]}
+
+
+def _cell_relative(box: torch.Tensor, n: int) -> torch.Tensor:
+    """Boxes (B,n*n,4) as cell_targets gives them (cx, cy, w, h of the canvas) -> the centre as its offset in its
+    cell (0-1), w and h unchanged. A Swin has no absolute position (only relative biases inside windows), so it
+    regresses the centre from where it looks, as an RPN does from its anchors."""
+    cells = torch.arange(n * n)
+    corner = torch.stack([cells % n, cells // n], dim=-1).to(box.dtype)  # (n*n,2): column, row of each cell
+    return torch.cat([box[..., :2] * n - corner, box[..., 2:]], dim=-1)  # non-object cells: ignored by the loss
+
+
+def _swin_detection(visual: qrnet.QRNetVisual, head: nn.Module, world: data.ShapesWorld, indices: list[int]
+                    ) -> tuple[torch.Tensor, dict]:
+    """The detection loss of the scenes, mean over the FPN levels, and its metrics per level (s4_colour, ...)."""
+    batch, targets = _detection_batch(world, indices, list(SWIN_STRIDES))
+    levels = visual.neck.top_down(visual.stage_outputs(batch["image"], None))  # [(B,D,S/s,S/s)] per stride s
+    total, metrics = 0.0, {}
+    for stride, level, t in zip(SWIN_STRIDES, levels, targets):
+        t["box"] = _cell_relative(t["box"], level.shape[-1])
+        is_pad = F.interpolate(batch["img_is_pad"][:, None].float(), size=level.shape[-2:]).flatten(1).bool()
+        loss, m = detection_loss(head(level.flatten(2).transpose(1, 2)), t, is_pad)  # tokens (B,h*w,D), row-major
+        total = total + loss / len(levels)
+        metrics.update({f"s{stride}_{k}": v for k, v in m.items()})
+    return total, metrics
+
+
+def build_toy_swin(cfg: ToySwinConfig, mcfg: ModelConfig, tokenizer) -> dict:
+    """Train a QRNet student's Swin and lateral convs to detect every object of the world's canvases (a toy Mask
+    R-CNN: FPN levels, one per-cell head shared by them, no text) and save them in mmdet's layout ({'meta': {toy_config,
+    metrics}, 'state_dict': backbone.*, neck.lateral_convs.*}), which --visual_init loads as a Mask R-CNN Swin-S."""
+    if os.path.exists(cfg.path):
+        raise UsageError(f"{cfg.path} exists; delete it to build a new toy Swin there")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    visual = qrnet.QRNetVisual(swin_fields(mcfg)["swin"], mcfg.hidden_dim, query_dim=1)  # its QD-ATT never runs
+    head = _detection_head(mcfg.hidden_dim)
+    world, val = _detector_worlds(cfg, mcfg, tokenizer)
+    visual.train()  # QD-ATT and the scale embeddings get no gradient, so AdamW leaves them as they are
+    _pretrain("Swin", cfg, [*visual.parameters(), *head.parameters()],
+              functools.partial(_swin_detection, visual, head, world))
+    visual.eval()  # held-out scenes: what the student starts from
+    with torch.no_grad():
+        metrics = {f"val_{k}": v for k, v in _swin_detection(visual, head, val, list(range(len(val))))[1].items()}
+    detector = {k: v for k, v in visual.state_dict().items() if "qdatt." not in k and k != "scale_embed"}
+    metrics.update(seconds=time.time() - t0)
+    _save_detector("Swin", cfg.path, {"meta": {"toy_config": asdict(cfg), "metrics": metrics},
+                                      "state_dict": ours_to_official(detector, "backbone.", "neck.")}, metrics)
     return metrics
 
 

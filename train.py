@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
           ) -> tuple[dict[str, float], GroundingModel]:
     """The training run; returns the final metrics and the trained (unwrapped) student."""
     # config: everything implicit is resolved here, once; `configs` is what every checkpoint holds
-    if dcfg.dataset == "shapes":  # the synthetic world's vocabulary, toy CLIP and toy DETR, made once (world.py)
+    if dcfg.dataset == "shapes":  # the synthetic world's vocabulary, toy CLIP, toy DETR or Swin, made once (world.py)
         world.prepare(mcfg, dcfg, None if cfg.distill == "none" else cfg.teacher, env)
     tokenizer = data.load_tokenizer(mcfg.text_encoder)
     mcfg = resolve(dcfg, mcfg, cfg.checkpoint_dir, len(tokenizer))

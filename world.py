@@ -1,13 +1,14 @@
 """Before a run on the synthetic world: the files it loads that nobody can download, made once and checked.
 
-    world.prepare(mcfg, dcfg, teacher, env)    # train.py, when --dataset is shapes: vocabulary, toy CLIP, toy DETR
+    world.prepare(mcfg, dcfg, teacher, env)    # train.py, when --dataset is shapes: vocabulary, toy CLIP, toy detector
 
 The synthetic world (shapes.py) has no pretrained weights to download, so the student's BERT vocabulary, the CLIP
-teacher and the DETR its visual branch starts from are made on the world itself (toy.py builds them), once, cached
-under out/ and loaded through the same flags as the real ones (--text_encoder, --teacher, --visual_init). They are
-built only at the presets' own paths (TOY_PATHS): a path the user typed is used as it is or refused with what to do,
-never filled with toy files, and a hub name such as openai/clip-vit-base-patch16 never becomes a folder. A cached one
-made with other settings than the run asks for is refused, never reused silently (check_world_files).
+teacher and the detector its visual branch starts from (a DETR for TransVG, a Mask R-CNN Swin for QRNet) are made on
+the world itself (toy.py builds them), once, cached under out/ and loaded through the same flags as the real ones
+(--text_encoder, --teacher, --visual_init). They are built only at the presets' own paths (TOY_PATHS): a path the
+user typed is used as it is or refused with what to do, never filled with toy files, and a hub name such as
+openai/clip-vit-base-patch16 never becomes a folder. A cached one made with other settings than the run asks for is
+refused, never reused silently (check_world_files).
 check_inputs is the world's part of preflight.check_inputs, which runs before anything is built or written.
 """
 
@@ -19,18 +20,20 @@ from pathlib import Path
 import torch
 
 import data
+import qrnet
 import shapes
 from config import PRESETS, QRNET_PRESETS
 from files import read_checkpoint
 from flags import UsageError
 from model import ModelConfig
 from runtime import DeviceEnv, print0
-from toy import VISUAL_FIELDS, ToyCLIPConfig, ToyDETRConfig, build_toy_detr, build_toy_teacher
+from toy import (VISUAL_FIELDS, ToyCLIPConfig, ToyDETRConfig, ToySwinConfig, build_toy_detr, build_toy_swin,
+                 build_toy_teacher, swin_fields)
 
-# The only paths prepare builds toy models at, when they are missing: the presets' own
-TOY_PATHS = {"text_encoder": (PRESETS["shapes"]["text_encoder"],),
-             "teacher": (PRESETS["shapes"]["teacher"], QRNET_PRESETS["shapes"]["teacher"]),
-             "visual_init": (PRESETS["shapes"]["visual_init"],)}
+# The only paths prepare builds toy models at, when they are missing: the presets' own (the toy DETR's and the toy
+# Swin's; one toy CLIP serves both students)
+TOY_PATHS = {"text_encoder": (PRESETS["shapes"]["text_encoder"],), "teacher": (PRESETS["shapes"]["teacher"],),
+             "visual_init": (PRESETS["shapes"]["visual_init"], QRNET_PRESETS["shapes"]["visual_init"])}
 
 # -----------------------------------------------------------------------------
 # before the run: what it will build, what it cannot
@@ -50,7 +53,7 @@ def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig) -> tuple[list[st
     teacher = None if cfg.distill == "none" else cfg.teacher
     detr = None if cfg.resume or mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else mcfg.visual_init
     given = {"text_encoder": mcfg.text_encoder, "teacher": teacher, "visual_init": detr}
-    what = {"text_encoder": "vocabulary", "teacher": "toy CLIP", "visual_init": "toy DETR"}
+    what = {"text_encoder": "vocabulary", "teacher": "toy CLIP", "visual_init": f"toy {_detector(mcfg)}"}
     building = {flag: f"the synthetic world's {what[flag]} will be built at {path}" for flag, path in given.items()
                 if path in TOY_PATHS[flag] and not os.path.exists(path)}
     advice = {flag: how for flag, path in given.items() if path is not None
@@ -69,11 +72,12 @@ def not_built_here(flag: str, path: str, mcfg: ModelConfig, dcfg: data.DataConfi
         return None
     return {"text_encoder": f"the synthetic world's vocabulary is written on first use to {TOY_PATHS[flag][0]} "
                             f"only; leave --text_encoder out to use it, or give a folder that holds a vocab.txt",
-            "teacher": f"toy CLIPs are built on first use at {' and '.join(TOY_PATHS['teacher'])} only; to build "
-                       f"one at {path} on purpose: python toy.py --out_dir {path} --steps {dcfg.toy_teacher_steps} "
-                       f"--imsize {mcfg.imsize} --shapes_image_size {dcfg.shapes_image_size}",
-            "visual_init": f"the toy DETR is built on first use at {TOY_PATHS[flag][0]} only; leave --visual_init "
-                           f"out to use it, or pass random or a checkpoint that exists"}[flag]
+            "teacher": f"the toy CLIP is built on first use at {TOY_PATHS['teacher'][0]} only; to build one at "
+                       f"{path} on purpose: python toy.py --out_dir {path} --steps {dcfg.toy_teacher_steps} --imsize "
+                       f"{ToyCLIPConfig.imsize} --shapes_image_size {dcfg.shapes_image_size}",
+            "visual_init": f"the toy DETR and the toy Swin are built on first use at {' and '.join(TOY_PATHS[flag])} "
+                           f"only; leave --visual_init out to use the one of your --backbone, or pass random or a "
+                           f"checkpoint that exists"}[flag]
 
 
 # -----------------------------------------------------------------------------
@@ -82,7 +86,8 @@ def not_built_here(flag: str, path: str, mcfg: ModelConfig, dcfg: data.DataConfi
 
 def prepare(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None, env: DeviceEnv) -> None:
     """Make what a shapes run loads but nobody can download, once, by rank 0; later runs reuse it: the world's BERT
-    vocabulary, its toy CLIP teacher (teacher None: no distillation) and its toy DETR (visual_init a file path).
+    vocabulary, its toy CLIP teacher (teacher None: no distillation) and its toy DETR or toy Swin (visual_init a
+    file path; the Swin for a QRNet student).
     Only at the presets' own paths (TOY_PATHS): a path the user typed is used as it is or refused (not_built_here),
     never filled with toy files, and a hub name such as openai/clip-vit-base-patch16 never becomes a folder."""
     wanted, detr = toy_configs(mcfg, dcfg, teacher)
@@ -104,29 +109,43 @@ def prepare(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None, env: 
                f"(python toy.py does the same)")
         build_toy_teacher(wanted)
     if build_here("visual_init"):
-        print0(f"no visual branch at {detr.path}: pretraining the synthetic world's toy DETR first")
-        build_toy_detr(detr, mcfg, data.load_tokenizer(mcfg.text_encoder))
+        print0(f"no visual branch at {detr.path}: pretraining the synthetic world's toy {_detector(mcfg)} first")
+        build = build_toy_swin if isinstance(detr, ToySwinConfig) else build_toy_detr
+        build(detr, mcfg, data.load_tokenizer(mcfg.text_encoder))
     if env.ddp:
         torch.distributed.barrier()
     check_world_files(mcfg.text_encoder, wanted, detr)
 
 
+def _detector(mcfg: ModelConfig) -> str:
+    return "Swin" if mcfg.backbone in qrnet.SWIN_SIZES else "DETR"
+
+
 def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None
-                ) -> tuple[ToyCLIPConfig | None, ToyDETRConfig | None]:
-    """The toy CLIP and toy DETR a shapes run asks for (None: it uses none), as check_world_files compares them."""
+                ) -> tuple[ToyCLIPConfig | None, ToyDETRConfig | ToySwinConfig | None]:
+    """The toy CLIP and the toy detector a shapes run asks for (None: it uses none), as check_world_files compares
+    them: a toy DETR for a TransVG student, a toy Swin for a QRNet one (--toy_detr_steps steps, either)."""
+    # The toy CLIP is one model of the world, as CLIP is one model of the web: it learns on the canvas of the world's
+    # preset (ToyCLIPConfig.imsize, the TransVG student's 64 px), whatever the student's, and a student on another
+    # canvas (QRNet's 128 px) reaches it through CLIPTeacher's own resize to its input, as any student reaches CLIP
     wanted = None if teacher is None else ToyCLIPConfig(
-        out_dir=teacher, steps=dcfg.toy_teacher_steps, imsize=mcfg.imsize, shapes_image_size=dcfg.shapes_image_size)
-    detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else ToyDETRConfig(
+        out_dir=teacher, steps=dcfg.toy_teacher_steps, shapes_image_size=dcfg.shapes_image_size)
+    if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn"):
+        return wanted, None
+    if mcfg.backbone in qrnet.SWIN_SIZES:  # its own number of scenes: a detector's data are not the grounding split
+        return wanted, ToySwinConfig(path=mcfg.visual_init, steps=dcfg.toy_detr_steps,
+                                     shapes_image_size=dcfg.shapes_image_size, model=swin_fields(mcfg))
+    return wanted, ToyDETRConfig(
         path=mcfg.visual_init, steps=dcfg.toy_detr_steps, shapes_image_size=dcfg.shapes_image_size,
         train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
         model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
-    return wanted, detr
 
 
-def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None, detr: ToyDETRConfig | None = None) -> None:
-    """Refuse a cached vocabulary, toy CLIP or toy DETR that was made by other code or settings than this run asks
-    for, never reuse it silently. A CLIP folder without our metrics.json, or a checkpoint without our toy_config,
-    is something someone supplied: it is used as given."""
+def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None,
+                      detr: ToyDETRConfig | ToySwinConfig | None = None) -> None:
+    """Refuse a cached vocabulary, toy CLIP or toy detector (DETR or Swin) that was made by other code or settings
+    than this run asks for, never reuse it silently. A CLIP folder without our metrics.json, or a checkpoint without
+    our toy_config (the toy Swin's: in mmdet's 'meta'), is something someone supplied: it is used as given."""
     vocab = Path(text_encoder) / "vocab.txt"
     if vocab.exists() and not (Path(text_encoder) / "config.json").exists():  # a real BERT folder has one
         missing = sorted(set(shapes.WORDS) - set(vocab.read_text().split()))
@@ -139,10 +158,12 @@ def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None, detr: To
                        teacher, "out_dir", "Delete the folder to rebuild it with this run's, or pass --teacher "
                        "<another folder>")
     if detr is not None and os.path.isfile(detr.path):
-        built = read_checkpoint(detr.path).get("toy_config")
+        ckpt = read_checkpoint(detr.path)
+        swin = isinstance(detr, ToySwinConfig)  # its settings in mmdet's 'meta', the toy DETR's beside its 'model'
+        built = (ckpt.get("meta") or {}).get("toy_config") if swin else ckpt.get("toy_config")
         if built is not None:
-            _same_settings(f"the toy DETR {detr.path}", built, detr, "path", "Delete it to rebuild it with this "
-                           "run's, or pass --visual_init <another path>")
+            _same_settings(f"the toy {'Swin' if swin else 'DETR'} {detr.path}", built, detr, "path", "Delete it to "
+                           "rebuild it with this run's, or pass --visual_init <another path>")
 
 
 def _same_settings(what: str, built: dict, wanted, skip: str, fix: str) -> None:

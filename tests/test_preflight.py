@@ -25,11 +25,12 @@ def listing(folder) -> list[str]:
     (["--shapes_train_size=8"], r"--shapes_train_size 8: fewer training samples than one batch \(--batch_size 64\)"),
     (["--text_encoder={tmp}/typo/vocab"], r"--text_encoder .*/typo/vocab: no folder .*/typo/vocab; the synthetic "
                                           r"world's vocabulary is written on first use to out/shapes_vocab only"),
-    (["--teacher={tmp}/typo/clip"], r"--teacher (.*/typo/clip): no folder .*; toy CLIPs are built on first use at "
-                                    r"out/shapes_clip and out/shapes_clip_128 only; to build one at \1 on purpose: "
+    (["--teacher={tmp}/typo/clip"], r"--teacher (.*/typo/clip): no folder .*; the toy CLIP is built on first use at "
+                                    r"out/shapes_clip only; to build one at \1 on purpose: "
                                     r"python toy.py --out_dir \1 --steps 600 --imsize 64 --shapes_image_size 128$"),
-    (["--visual_init={tmp}/typo/detr.pth"], r"--visual_init .*/typo/detr.pth: no such file; the toy DETR is built on "
-                                            r"first use at out/shapes_detr.pth only"),
+    (["--visual_init={tmp}/typo/detr.pth"], r"--visual_init .*/typo/detr.pth: no such file; the toy DETR and the toy "
+                                            r"Swin are built on first use at out/shapes_detr.pth and "
+                                            r"out/shapes_swin.pth only"),
 ], ids=["device", "resume_not_a_checkpoint", "max_query_len", "fewer_than_a_batch", "text_encoder_typo",
         "teacher_typo", "visual_init_typo"])
 def test_a_mistake_is_one_message_before_anything_is_written(flags, message, tmp_path, monkeypatch):

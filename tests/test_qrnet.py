@@ -142,7 +142,9 @@ def test_qrnet_recipe_preset_and_mask_rcnn_path(tmp_path):
     assert config.recipe("referit", "swin_s_qrnet")["batch_size"] == 64
     assert config.recipe("refcoco", "resnet50")["visual_init"] == "detr"
     toy_qrnet = config.recipe("shapes", "swin_toy_qrnet")
-    assert (toy_qrnet["visual_init"], toy_qrnet["cache_visual"]) == ("random", False)
+    assert (toy_qrnet["visual_init"], toy_qrnet["cache_visual"]) == ("out/shapes_swin.pth", False)
+    assert toy_qrnet["lr_visual"] < toy_qrnet["lr"]  # QRNet's split: the pretrained Swin and laterals learn slower
+    assert toy_qrnet["teacher"] == config.PRESETS["shapes"]["teacher"]  # one toy CLIP for both students
     dcfg = data.DataConfig("refcoco")
     mcfg = train.ModelConfig(backbone="swin_s_qrnet", visual_init="mask_rcnn", text_init="random",
                              text_config={"hidden_size": 64})

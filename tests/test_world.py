@@ -1,5 +1,6 @@
 """world.py: before a run on the synthetic world, its toy models are built at the presets' paths only, checked
-against the run's settings, and the whole default path (toy CLIP, toy DETR, distillation, evaluation) runs offline.
+against the run's settings, and the whole default path (toy CLIP, toy DETR, distillation, evaluation) runs offline,
+as does a QRNet student's start from its toy Swin.
 
 Run: python -m pytest -q tests/test_world.py
 """
@@ -9,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_SWIN
 from test_toy import TINY_TEACHER
 
 import data
@@ -16,7 +18,7 @@ import evaluate
 import runtime
 import train
 import world
-from config import PRESETS
+from config import PRESETS, QRNET_PRESETS
 from flags import UsageError
 from toy import ToyCLIPConfig
 
@@ -78,3 +80,25 @@ def test_toy_models_are_built_at_the_presets_paths_only_never_at_a_typed_one(tmp
     # the preset's own path: written on first use (distillation off, no DETR: only the vocabulary)
     world.prepare(tiny_config(text_encoder=SHAPES["text_encoder"]), data.DataConfig(), None, env)
     assert (tmp_path / SHAPES["text_encoder"] / "vocab.txt").exists()
+
+
+def test_a_qrnet_run_builds_the_toy_swin_starts_from_it_and_refuses_other_settings(tmp_path, tiny_train_flags,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # toy models are built at the preset's own (relative) paths only
+    swin = QRNET_PRESETS["shapes"]["visual_init"]
+
+    def flags(run: str, steps: int, *extra: str) -> list[str]:  # lr_visual 0: the Swin stays as the file has it
+        return tiny_train_flags(tmp_path / run, "--backbone=swin_toy_qrnet", f"--swin={json.dumps(TINY_SWIN)}",
+                                "--epochs=1", f"--visual_init={swin}", f"--toy_detr_steps={steps}", "--lr_visual=0",
+                                *extra)
+    assert train.main(flags("run", 3, "--dry_run")) == {}
+    assert f"the synthetic world's toy Swin will be built at {swin}" in capsys.readouterr().out
+    out = train.main(flags("run", 3))
+    sd = torch.load(swin, weights_only=True)["state_dict"]
+    assert out["step"] == 3 and f"visual branch: loaded {len(sd)} tensors from {swin}" in capsys.readouterr().out
+    student = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert torch.equal(student["visual.stages.1.0.mlp.0.weight"], sd["backbone.layers.1.blocks.0.mlp.fc1.weight"])
+    assert torch.equal(student["visual.neck.lateral.3.weight"], sd["neck.lateral_convs.3.conv.weight"])
+    with pytest.raises(UsageError, match=rf"the toy Swin {swin} was built with other settings: steps 3 \(this run: 4\)"):
+        train.main(flags("run2", 4))
+    assert not (tmp_path / "run2").exists()  # refused before anything was written

@@ -4,6 +4,7 @@
     python bench.py --device cuda --dtype bfloat16 --batch_size 8 --compile --channels_last
     python bench.py --teacher                         # + the CLIP teacher: its share of the train step
     python bench.py --backbone swin_s_qrnet --teacher # the QRNet student (Swin-S, QD-ATT, neck) instead of TransVG
+    python bench.py --backbone swin_toy_qrnet         # the synthetic world's QRNet step, and where it goes
     python bench.py --data                            # data pipeline: images/s per core, train and eval
 
 Model: the paper's ResNet-50 + DETR encoder (or, --backbone swin_s_qrnet, QRNet's Swin-S with QD-ATT and its neck,
@@ -13,6 +14,10 @@ them). A train step is forward + eq. 8 loss + backward + AdamW step; with
 real weights) on the same canvas and expressions, and adds the distillation loss, as train.py does.
 Prints ms/step, images/s, peak memory and, on CUDA, model FLOPs utilisation (FLOPs counted by
 torch.utils.flop_counter on one step, divided by the GPU's dense bf16 peak).
+--backbone swin_toy_qrnet times the synthetic world's QRNet student as `python train.py --backbone swin_toy_qrnet`
+builds it (its recipe: canvas, toy BERT and fusion, batch, the toy CLIP teacher of out/shapes_clip, or a random one of
+its shape) and says where the step goes (--breakdown): each part's forward + backward timed alone on the inputs it
+had in a real step, the teacher, the AdamW update.
 
 Data: images/s of the train and eval __getitem__ (file read + JPEG decode + transforms + tokenizer), one process,
 one thread, on COCO-sized JPEGs (640x480, 480x640, 500x375) in the RefCOCO split format; goal >= 2x the official
@@ -32,12 +37,16 @@ from dataclasses import dataclass
 import torch
 import transformers
 
+import config
 import data
+import qrnet
+import shapes
+import toy
 import transforms
 from clip_teacher import DEFAULT_TEACHER, CLIPTeacher, save_random_clip
 from flags import check_fields, cli, parse_config
 from losses import distill_loss, total_loss
-from model import GroundingModel, ModelConfig, example_inputs
+from model import GroundingModel, ModelConfig, example_inputs, resolve_text_config
 from runtime import DTYPE_NAMES, amp_dtype, autocast_for, setup_device
 
 # bert-base-uncased's architecture, so the benchmark needs no download
@@ -71,8 +80,22 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: process peak RSS
 
 
+TOY_BACKBONES = ("swin_toy_qrnet",)  # benchmarked as the synthetic world's student (the toy TransVG's step runs on
+# cached tokens: train.py's log gives its time)
+
+
+def bench_model_config(backbone: str) -> ModelConfig:
+    """The paper's model with this backbone (BERT-base, 640 px), or a toy backbone's synthetic-world student as
+    train.py builds it from its recipe (random weights: speed does not depend on them)."""
+    if backbone not in TOY_BACKBONES:
+        return ModelConfig(backbone=backbone, text_init="random", text_config=BERT_BASE)
+    fields = {k: v for k, v in config.recipe("shapes", backbone).items() if k in ModelConfig.__dataclass_fields__}
+    mcfg = ModelConfig(**{**fields, "backbone": backbone, "visual_init": "random"})
+    return resolve_text_config(mcfg, len(shapes.WORDS) + 5)  # the world's words, [PAD] [UNK] [CLS] [SEP] [MASK]
+
+
 def bench_model(cfg: "BenchConfig", device: torch.device) -> dict:
-    mcfg = ModelConfig(backbone=cfg.backbone, text_init="random", text_config=BERT_BASE)
+    mcfg = bench_model_config(cfg.backbone)
     torch.manual_seed(0)
     model = GroundingModel(mcfg).to(device)
     if cfg.channels_last:
@@ -85,8 +108,10 @@ def bench_model(cfg: "BenchConfig", device: torch.device) -> dict:
         inputs["images"] = inputs["images"].contiguous(memory_format=torch.channels_last)
     target = (torch.rand(cfg.batch_size, 4, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25).to(device)
     amp = amp_dtype(device, cfg.dtype)  # refuses bf16/fp16 off CUDA, with a message
-    teacher = build_teacher(cfg.teacher_name, device) if cfg.teacher else None
-    texts = ["man in red shirt on the left", "the second dog from right"] * cfg.batch_size
+    toy_world = cfg.backbone in TOY_BACKBONES
+    teacher = build_teacher(cfg.teacher_name, device, toy_world) if cfg.teacher else None
+    texts = (["the small red circle on the left", "the triangle above the green square"] if toy_world else
+             ["man in red shirt on the left", "the second dog from right"]) * cfg.batch_size
     rgb = transforms.unnormalise(inputs["images"])
 
     def teacher_targets():
@@ -111,6 +136,14 @@ def bench_model(cfg: "BenchConfig", device: torch.device) -> dict:
     results = {"train_s": timed(train_step, cfg.warmup, cfg.reps, device)}
     if teacher is not None:
         results["teacher_s"] = timed(teacher_targets, cfg.warmup, cfg.reps, device)
+    if cfg.breakdown:
+        results["parts_s"] = step_breakdown(model, inputs, cfg.warmup, cfg.reps, device)
+        if teacher is not None:
+            results["parts_s"]["teacher (no gradient)"] = results["teacher_s"]
+        for p in model.parameters():  # every gradient present, as after a step's backward
+            p.grad = torch.zeros_like(p)
+        results["parts_s"]["AdamW update"] = timed(optimizer.step, cfg.warmup, cfg.reps, device)
+        optimizer.zero_grad(set_to_none=True)
     model.eval()
     results["forward_s"] = timed(forward, cfg.warmup, cfg.reps, device)
     results["peak_mem_gb"] = peak_memory_gb(device)
@@ -128,11 +161,64 @@ def bench_model(cfg: "BenchConfig", device: torch.device) -> dict:
     return results
 
 
-def build_teacher(name: str, device: torch.device) -> CLIPTeacher:
-    """The teacher as train.py builds it; a hub name we cannot download becomes a random model of its shape."""
+def model_parts(model: GroundingModel) -> dict[str, list[torch.nn.Module]]:
+    """A QRNet student's parts as the breakdown names them, each the modules a forward calls for it. The neck's
+    module includes its QD-ATT, which step_breakdown takes out of it."""
+    v = model.visual
+    return {"Swin (blocks, patch embedding and merging, stage norms)": [v.patch_embed, *v.stages, *v.merges,
+                                                                        *v.stage_norms],
+            "QD-ATT (after each stage and in the neck)": [*v.qdatt, *v.neck.qdatt],
+            "neck (lateral convs, top-down and bottom-up sums)": [v.neck],
+            "fusion (+ BERT, projections, box head)": [model.text_encoder, model.visual_proj, model.text_proj,
+                                                       model.fusion, model.bbox_head]}
+
+
+def step_breakdown(model: GroundingModel, inputs: dict, warmup: int, reps: int, device: torch.device
+                   ) -> dict[str, float]:
+    """Seconds per train step in each of model_parts: each module's forward + backward timed alone, on copies of
+    the inputs it had in a real forward (with a gradient where those had one), the backward from the mean square of
+    its outputs (its cost does not depend on the values). The loss and autograd's work between the parts are left
+    out: the caller's whole step minus these is what they cost."""
+    calls = {}  # module -> (args, kwargs) of its first call
+
+    def capture(module, args, kwargs) -> None:
+        calls.setdefault(module, (args, kwargs))
+    parts = model_parts(model)
+    hooks = [m.register_forward_pre_hook(capture, with_kwargs=True) for ms in parts.values() for m in ms]
+    model.train()
+    model(**inputs)  # with autograd on: which inputs carry a gradient is what the copies keep
+    for h in hooks:
+        h.remove()
+
+    def fresh(x):
+        if isinstance(x, (list, tuple)):
+            return type(x)(fresh(y) for y in x)
+        return x.detach().clone().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x
+
+    def seconds(module) -> float:
+        args, kwargs = fresh(calls[module][0]), {k: fresh(v) for k, v in calls[module][1].items()}
+
+        def forward_backward() -> None:
+            out = module(*args, **kwargs)
+            out = getattr(out, "last_hidden_state", out)  # BERT's output
+            sum(t.float().square().mean() for t in (out if isinstance(out, (list, tuple)) else [out])).backward()
+        return timed(forward_backward, warmup, reps, device)
+
+    times = {name: sum(seconds(m) for m in ms) for name, ms in parts.items()}
+    times["neck (lateral convs, top-down and bottom-up sums)"] -= sum(seconds(m) for m in model.visual.neck.qdatt)
+    model.zero_grad(set_to_none=True)
+    return times
+
+
+def build_teacher(name: str, device: torch.device, toy_world: bool = False) -> CLIPTeacher:
+    """The teacher as train.py builds it; a hub name or path we cannot load becomes a random model of its shape (on
+    the synthetic world: the toy CLIP's)."""
     if os.path.isdir(name):
         return CLIPTeacher(name, device=device)
     with tempfile.TemporaryDirectory(prefix="bench_clip_") as directory:  # ~600 MB of random weights
+        if toy_world:
+            toy.save_toy_clip(directory, toy.ToyCLIPConfig(), list(shapes.WORDS))
+            return CLIPTeacher(directory, device=device)
         patch = 16 if "patch16" in name else 14 if "patch14" in name else 32
         if "large" in name:  # ViT-L/14: 1024-wide vision, 768-wide text, 768-d embeddings
             save_random_clip(directory, BENCH_WORDS, projection_dim=768,
@@ -270,7 +356,8 @@ class BenchConfig:
     batch_size: int = 2  # images per step
     compile: bool = False  # torch.compile the model
     channels_last: bool = False  # channels_last memory format for the ResNet
-    backbone: str = "resnet50"  # the student: resnet50, resnet101 (TransVG) or swin_s_qrnet (QRNet)
+    backbone: str = "resnet50"  # resnet50, resnet101 (TransVG), swin_s_qrnet (QRNet), swin_toy_qrnet (the world's)
+    breakdown: bool = False  # a QRNet student: also time each part of the train step (Swin, QD-ATT, neck, fusion)
     teacher: bool = False  # add the CLIP teacher to the train step and time its share
     teacher_name: str = DEFAULT_TEACHER  # real CLIP weights (a folder), or a hub name: its shape, random
     warmup: int = 1  # untimed calls first
@@ -285,12 +372,24 @@ class BenchConfig:
     n: int = 64  # --data: images to generate when --split_root is not given
 
     def __post_init__(self) -> None:
-        check_fields(self, [("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16")])
+        check_fields(self, [("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16"),
+                            ("breakdown", not self.breakdown or self.backbone in qrnet.SWIN_SIZES,
+                             "false unless --backbone is a QRNet student's (its parts are QRNet's)")])
+
+
+def toy_defaults(flags: dict) -> tuple[str, dict]:
+    """For parse_config: a toy backbone's defaults are its synthetic-world recipe's batch and teacher, and the
+    breakdown."""
+    if flags["backbone"] not in TOY_BACKBONES:
+        return "", {}
+    recipe = config.recipe("shapes", flags["backbone"])
+    return f"synthetic world's {flags['backbone']}", {"batch_size": recipe["batch_size"], "teacher": True,
+                                                       "teacher_name": recipe["teacher"], "breakdown": True}
 
 
 def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
-    cfg, = parse_config(argv, [BenchConfig], description=__doc__)
+    cfg, = parse_config(argv, [BenchConfig], toy_defaults, description=__doc__)
     if cfg.data:
         return {"data": bench_data(cfg.split_root or None, cfg.data_root, cfg.tokenizer or None, cfg.passes,
                                    cfg.imsize, cfg.n)}
@@ -306,6 +405,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"forward    : {r['forward_s'] * 1e3:9.1f} ms/step  {B / r['forward_s']:8.2f} images/s")
     if "teacher_s" in r:
         print(f"teacher    : {r['teacher_s'] * 1e3:9.1f} ms/step  = {r['teacher_s'] / r['train_s']:.1%} of the train step")
+    if "parts_s" in r:
+        print("where the train step goes (each part's forward + backward timed alone, on the inputs it had in a step):")
+        rest = r["train_s"] - sum(r["parts_s"].values())
+        for part, seconds in {**r["parts_s"], "the rest (loss, autograd between the parts; < 0: noise)": rest}.items():
+            print(f"  {part:<56}: {seconds * 1e3:8.1f} ms  {seconds / r['train_s']:6.1%}")
     print(f"peak memory: {r['peak_mem_gb']:.2f} GB ({'allocated on the GPU' if device.type == 'cuda' else 'process RSS'})")
     if "tflops_per_step" in r:
         print(f"FLOPs      : {r['tflops_per_step']:.2f} TFLOP/step" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""))

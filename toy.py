@@ -111,6 +111,15 @@ def _pairs(samples: list[dict]) -> dict:
             "text": [s["text"] for s in samples]}
 
 
+def save_toy_clip(directory: str, cfg: ToyCLIPConfig, words: list[str]) -> None:
+    """The toy CLIP's architecture with random weights, saved like a hub model: where its training starts (and what
+    bench.py times when no toy CLIP is built)."""
+    tower = {"hidden_size": cfg.width, "intermediate_size": 2 * cfg.width, "num_hidden_layers": cfg.layers,
+             "num_attention_heads": 4}
+    save_random_clip(directory, words, projection_dim=cfg.embed_dim, text={"max_position_embeddings": 32, **tower},
+                     vision={"image_size": cfg.image_size, "patch_size": 8, **tower})
+
+
 def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) -> dict:
     """Train a small CLIPModel on (canvas, expression) pairs of the synthetic world; save it to cfg.out_dir.
 
@@ -121,10 +130,7 @@ def train_toy_clip(cfg: ToyCLIPConfig, train_set, eval_set, words: list[str]) ->
     # built in a side folder and moved into place at the end: an interrupted build never looks like a teacher
     partial = cfg.out_dir.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # what a killed build left
-    tower = {"hidden_size": cfg.width, "intermediate_size": 2 * cfg.width, "num_hidden_layers": cfg.layers,
-             "num_attention_heads": 4}
-    save_random_clip(partial, words, projection_dim=cfg.embed_dim, text={"max_position_embeddings": 32, **tower},
-                     vision={"image_size": cfg.image_size, "patch_size": 8, **tower})
+    save_toy_clip(partial, cfg, words)
     teacher = CLIPTeacher(partial, device="cpu", trainable=True)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=0.1)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,

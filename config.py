@@ -153,8 +153,8 @@ PRESETS["shapes"] = dict(
 # 80 % goal of issue 23; nothing here is a measured result yet.
 QRNET_PRESETS["shapes"] = dict(
     resnet_stages=4, visual_init="out/shapes_swin.pth", toy_detr_steps=600, cache_visual=False, augment=False,
-    imsize=128, pos_std=1.0, epochs=8, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=64,
-    micro_batch=64, lr=5e-4, lr_visual=5e-5, lr_text=5e-4, eval_every=250)
+    imsize=128, pos_std=1.0, epochs=6, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=32,
+    micro_batch=32, lr=5e-4, lr_visual=5e-5, lr_text=5e-4, eval_every=500)
 
 # -----------------------------------------------------------------------------
 # which recipe a run's flags ask for

@@ -344,7 +344,7 @@ class ToySwinConfig:
     steps: int = QRNET["toy_detr_steps"]  # training steps (train.py: --toy_detr_steps)
     batch_size: int = 32  # canvases per step
     lr: float = 2e-3  # AdamW, 30 warmup steps, cosine decay to 0
-    train_size: int = shapes.SPLITS["train"][1]  # the train scenes it learns from (unaugmented), whatever the run's
+    train_size: int = shapes.SPLITS["train"][1]  # the train scenes it learns from (unaugmented): the run's (world.toy_configs)
     shapes_image_size: int = 128  # long side of the world's images
     seed: int = 0  # initialisation and data order
     model: dict | None = None  # the student's SWIN_FIELDS, swin resolved to its sizes: the architecture it trains

@@ -132,13 +132,12 @@ def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None
         out_dir=teacher, steps=dcfg.toy_teacher_steps, shapes_image_size=dcfg.shapes_image_size)
     if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn"):
         return wanted, None
-    if mcfg.backbone in qrnet.SWIN_SIZES:  # its own number of scenes: a detector's data are not the grounding split
-        return wanted, ToySwinConfig(path=mcfg.visual_init, steps=dcfg.toy_detr_steps,
-                                     shapes_image_size=dcfg.shapes_image_size, model=swin_fields(mcfg))
-    return wanted, ToyDETRConfig(
-        path=mcfg.visual_init, steps=dcfg.toy_detr_steps, shapes_image_size=dcfg.shapes_image_size,
-        train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1],
-        model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
+    # either detector learns on the run's train scenes (their pictures only), which the run's data cache then shares
+    common = dict(path=mcfg.visual_init, steps=dcfg.toy_detr_steps, shapes_image_size=dcfg.shapes_image_size,
+                  train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1])
+    if mcfg.backbone in qrnet.SWIN_SIZES:
+        return wanted, ToySwinConfig(**common, model=swin_fields(mcfg))
+    return wanted, ToyDETRConfig(**common, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})
 
 
 def check_world_files(text_encoder: str, teacher: ToyCLIPConfig | None,

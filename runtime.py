@@ -85,14 +85,15 @@ DTYPE_NAMES = {"auto", *DTYPES, *DTYPE_ALIASES}  # what --dtype accepts
 
 def amp_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
     """The autocast dtype (None = fp32) for --dtype auto|float32|bfloat16|float16 (or fp32|bf16|fp16): autocast on
-    CUDA only; auto = bf16 on GPUs that support it (Ampere and later), fp32 elsewhere."""
+    CUDA only; auto = bf16 on GPUs that support it natively (Ampere and later), fp32 elsewhere."""
     name = DTYPE_ALIASES.get(dtype, dtype)  # one of DTYPE_NAMES: the configs check --dtype when they read it
     if device.type != "cuda":
         if name in ("bfloat16", "float16"):
             raise UsageError(f"--dtype {dtype} needs CUDA: on {device.type} everything runs in float32")
         return None
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # not torch's default including_emulation=True: it says yes on V100 and T4 too, where bf16 is emulated, slowly
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     return DTYPES[name]
 
 

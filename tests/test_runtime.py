@@ -25,6 +25,14 @@ def test_precision_names_and_their_short_forms():
             config(dtype="half")
 
 
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_not_where_torch_emulates_it(monkeypatch):
+    # a V100 or T4 (sm70/75): torch.cuda.is_bf16_supported() is True by default there, as bf16 runs emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp_dtype(torch.device("cuda"), "auto") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert amp_dtype(torch.device("cuda"), "auto") == torch.bfloat16
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_device_the_machine_lacks_is_refused_with_what_to_pass():
     with pytest.raises(UsageError, match=r"--device cuda: this machine has no CUDA GPU .*; pass --device cpu"):

@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, env: Devic
     """The training run; returns the final metrics and the trained (unwrapped) student."""
     # config: everything implicit is resolved here, once; `configs` is what every checkpoint holds
     if dcfg.dataset == "shapes":  # the synthetic world's vocabulary, toy CLIP, toy DETR or Swin, made once (world.py)
-        world.prepare(mcfg, dcfg, None if cfg.distill == "none" else cfg.teacher, env)
+        world.prepare(world.needed(cfg, mcfg), dcfg, None if cfg.distill == "none" else cfg.teacher, env)
     tokenizer = data.load_tokenizer(mcfg.text_encoder)
     mcfg = resolve(dcfg, mcfg, cfg.checkpoint_dir, len(tokenizer))
     configs = {"train_config": asdict(cfg), "data_config": asdict(dcfg), "model_config": asdict(mcfg)}

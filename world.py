@@ -1,6 +1,6 @@
 """Before a run on the synthetic world: the files it loads that nobody can download, made once and checked.
 
-    world.prepare(mcfg, dcfg, teacher, env)    # train.py, when --dataset is shapes: vocabulary, toy CLIP, toy detector
+    world.prepare(world.needed(cfg, mcfg), dcfg, teacher, env)   # train.py, on shapes: vocabulary, toy CLIP, detector
 
 The synthetic world (shapes.py) has no pretrained weights to download, so the student's BERT vocabulary, the CLIP
 teacher and the detector its visual branch starts from (a DETR for TransVG, a Mask R-CNN Swin for QRNet) are made on
@@ -14,7 +14,7 @@ check_inputs is the world's part of preflight.check_inputs, which runs before an
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig) -> tuple[list[st
     """The world's part of preflight.check_inputs (cfg: the TrainConfig), creating nothing: (problems; {flag: note}
     for each toy model the run will build first, which preflight then does not look for; {flag: what to do} for
     each given path that does not exist, since nothing is built there)."""
-    problems = []
+    problems, mcfg = [], needed(cfg, mcfg)
     if cfg.train_split in shapes.SPLITS:  # its sizes are known without a file
         flag = "shapes_train_size" if cfg.train_split == "train" else "shapes_eval_size"
         n = getattr(dcfg, flag) or shapes.SPLITS[cfg.train_split][1]
@@ -51,7 +51,7 @@ def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig) -> tuple[list[st
             problems.append(f"--{flag} {n}: fewer training samples than one batch (--batch_size {cfg.batch_size}); "
                             f"give at least {cfg.batch_size}, or a smaller --batch_size")
     teacher = None if cfg.distill == "none" else cfg.teacher
-    detr = None if cfg.resume or mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else mcfg.visual_init
+    detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else mcfg.visual_init
     given = {"text_encoder": mcfg.text_encoder, "teacher": teacher, "visual_init": detr}
     what = {"text_encoder": "vocabulary", "teacher": "toy CLIP", "visual_init": f"toy {_detector(mcfg)}"}
     building = {flag: f"the synthetic world's {what[flag]} will be built at {path}" for flag, path in given.items()
@@ -63,6 +63,13 @@ def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig) -> tuple[list[st
     except UsageError as e:
         problems.append(str(e))
     return problems, building, advice
+
+
+def needed(cfg, mcfg: ModelConfig) -> ModelConfig:
+    """mcfg as far as the world's toy models go, for check_inputs and train.py's prepare alike (cfg: the
+    TrainConfig): on --resume the checkpoint holds every weight and train.build_student starts the visual branch at
+    random, so no toy detector is built, or checked against the run's settings, for it."""
+    return replace(mcfg, visual_init="random") if cfg.resume else mcfg
 
 
 def not_built_here(flag: str, path: str, mcfg: ModelConfig, dcfg: data.DataConfig) -> str | None:

@@ -102,3 +102,18 @@ def test_a_qrnet_run_builds_the_toy_swin_starts_from_it_and_refuses_other_settin
     with pytest.raises(UsageError, match=rf"the toy Swin {swin} was built with other settings: steps 3 \(this run: 4\)"):
         train.main(flags("run2", 4))
     assert not (tmp_path / "run2").exists()  # refused before anything was written
+
+
+def test_a_resumed_run_neither_builds_nor_checks_the_toy_detr_it_never_loads(tmp_path, tiny_train_flags, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset's own (relative) path, where a missing toy DETR would be built
+    detr = SHAPES["visual_init"]
+    train.main(tiny_train_flags(tmp_path / "run", f"--visual_init={detr}", "--toy_detr_steps=2", "--max_steps=1",
+                                "--final_eval=false"))
+    last = str(tmp_path / "run" / "last.pt")
+    built = torch.load(detr, weights_only=True)
+    torch.save({**built, "toy_config": {**built["toy_config"], "steps": 99}}, detr)  # as if made with other settings
+    assert train.main([f"--resume={last}", "--max_steps=2", "--final_eval=false", "--device=cpu"])["step"] == 2
+    os.remove(detr)
+    monkeypatch.setattr(world, "build_toy_detr", lambda *args: pytest.fail("built a toy DETR the run never loads"))
+    assert train.main([f"--resume={last}", "--max_steps=3", "--final_eval=false", "--device=cpu"])["step"] == 3
+    assert not os.path.exists(detr)

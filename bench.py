@@ -47,7 +47,7 @@ from clip_teacher import DEFAULT_TEACHER, CLIPTeacher, save_random_clip
 from flags import check_fields, cli, parse_config
 from losses import distill_loss, total_loss
 from model import GroundingModel, ModelConfig, example_inputs, resolve_text_config
-from runtime import DTYPE_NAMES, amp_dtype, autocast_for, setup_device
+from runtime import DTYPE_NAMES, amp_dtype, autocast_for, device_rule, setup_device
 
 # bert-base-uncased's architecture, so the benchmark needs no download
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -373,6 +373,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, [("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16"),
+                            device_rule(self.device),
                             ("breakdown", not self.breakdown or self.backbone in qrnet.SWIN_SIZES,
                              "false unless --backbone is a QRNet student's (its parts are QRNet's)")])
 

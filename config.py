@@ -24,7 +24,7 @@ from clip_teacher import DEFAULT_TEACHER
 from files import read_checkpoint
 from flags import UsageError, check_fields
 from interop import checkpoint_kind
-from runtime import DTYPE_NAMES
+from runtime import DTYPE_NAMES, device_rule
 
 FORMAT_VERSION = 3  # of train.py's checkpoints. 2: the data flags moved to data_config; 3: the toy models' steps too
 
@@ -97,7 +97,7 @@ class TrainConfig:
             ("teacher_text_cache", not (self.teacher_text_cache and self.teacher_trainable),
              "0 with --teacher_trainable (the cache would go stale)"),
             ("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16"),
-            ("device", self.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps"),
+            device_rule(self.device),
             ("overwrite", not (self.overwrite and self.resume), "not both --overwrite and --resume")])
 
 

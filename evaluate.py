@@ -39,7 +39,7 @@ from flags import UsageError, check_fields, cli, parse_config
 from interop import checkpoint_kind, load_model
 from losses import paired_iou_xyxy
 from model import GroundingModel
-from runtime import DTYPE_NAMES, DeviceEnv, amp_dtype, autocast_for, print0, setup_device, shard_loader
+from runtime import DTYPE_NAMES, DeviceEnv, amp_dtype, autocast_for, device_rule, print0, setup_device, shard_loader
 
 # -----------------------------------------------------------------------------
 # metrics (pure)
@@ -213,7 +213,7 @@ class EvalConfig:
             ("text", not self.text or data.has_word(self.text), "an expression with a word in it"),
             ("dataset", not self.dataset or self.dataset in data.DATASETS, f"one of {', '.join(data.DATASETS)}"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("num_workers", self.num_workers >= 0, ">= 0"),
-            ("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16"),
+            ("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16"), device_rule(self.device),
             ("vis", self.vis >= 0, ">= 0"),
             ("gap_loc", self.gap_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
             ("modality_gap", not (self.modality_gap and (self.image or self.vis)),

@@ -1,8 +1,8 @@
 """Where and how a run executes: devices and processes, precision, state across ranks, the order of the data.
 
 Contents
-  devices        DeviceEnv, check_device, setup_device (cuda > mps > cpu; torchrun with NCCL on GPUs, gloo on CPUs),
-                 print0
+  devices        DeviceEnv, device_rule, check_device, setup_device (cuda > mps > cpu; torchrun with NCCL on GPUs,
+                 gloo on CPUs), print0
   precision      amp_dtype, autocast_for: bf16/fp16 autocast on CUDA only, fp32 elsewhere
   across ranks   sync_buffers, average_gradients, rng_states / restore_rng (every rank's dropout stream)
   data order     EpochSeeded, epoch_indices, epoch_batches: which samples, with which augmentation, a rank sees at an
@@ -38,6 +38,12 @@ class DeviceEnv:
     @property
     def is_master(self) -> bool:
         return self.rank == 0
+
+
+def device_rule(device: str) -> tuple[str, bool, str]:
+    """--device's rule for every script's config (check_fields, when the flags are read): a kind of device torch
+    knows, which would otherwise be a RuntimeError with a traceback. Whether this machine has it: check_device."""
+    return "device", device.split(":")[0] in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps"
 
 
 def check_device(device: str, local_rank: int = 0) -> None:

@@ -142,6 +142,7 @@ def test_missing_or_wrong_checkpoints_fail_clearly(tmp_path):
     (["--image=photo.png", "--text=\U0001f600 \u200b!!"], "an expression with a word in it"),  # emoji, control, punctuation
     (["--json=/nonexistent/dir/x.json"], "a file in an existing folder you can write to, got '/nonexistent"),
     (["--dataset=refcocoo"], "--dataset: expected one of refcoco"),
+    (["--device=foo"], "--device: expected auto, cpu, cuda or mps, got 'foo'"),  # not torch's RuntimeError
     (["--modality_gap", "--gap_loc=loc5"], "--gap_loc: expected loc1, loc2, loc3 or loc4, got 'loc5'"),
     (["--modality_gap", "--vis=2"], "--modality_gap: expected no --image or --vis with it"),
     (["--modality_gap", "--image=photo.png", "--text=a cat"], "--modality_gap: expected no --image or --vis"),

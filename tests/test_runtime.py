@@ -33,6 +33,13 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_not_where_torch_emu
     assert amp_dtype(torch.device("cuda"), "auto") == torch.bfloat16
 
 
+def test_every_scripts_device_is_checked_when_its_flags_are_read():
+    for config in (TrainConfig, evaluate.EvalConfig, bench.BenchConfig):
+        with pytest.raises(UsageError, match="--device: expected auto, cpu, cuda or mps, got 'foo'"):
+            config(device="foo")
+        assert config(device="cuda:1").device == "cuda:1"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_device_the_machine_lacks_is_refused_with_what_to_pass():
     with pytest.raises(UsageError, match=r"--device cuda: this machine has no CUDA GPU .*; pass --device cpu"):

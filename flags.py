@@ -1,10 +1,10 @@
 """How every script reads its flags: typed dataclasses -> --key value (or --key=value), checked once.
 
-    cfg, dcfg, mcfg = parse_config(argv, [TrainConfig, DataConfig, ModelConfig], presets.defaults, __doc__)
+    cfg, dcfg, mcfg = parse_config(argv, [TrainConfig, DataConfig, ModelConfig], config.defaults, __doc__)
 
   parse_config   one flag per dataclass field, converted by the field's type (--epochs=1e4 is an error, --lr=1 is 1.0;
                  dict fields take JSON), unknown keys refused; --help shows each field's trailing comment and the
-                 value that will run, naming the preset that sets it (presets.py holds the recipes)
+                 value that will run, naming the preset that sets it (config.py holds the recipes)
   check_fields   what a config's __post_init__ calls: each field's value checked once, when the flags are read
   UsageError     a user's mistake: one message naming the flag and what to do; cli() prints it alone and exits
                  with status 2, while any other exception is a bug and keeps its traceback

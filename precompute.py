@@ -27,8 +27,9 @@ import transforms
 
 
 def freeze_visual(model: torch.nn.Module) -> None:
-    """The student's visual branch out of training: no gradients, never in the optimizer, its BatchNorm statistics
-    still (the cache is computed in eval mode)."""
+    """The student's visual branch out of training: no gradients, so train.param_groups leaves it out of the
+    optimizer. Its BatchNorm statistics stay still because no training step runs it (Precomputed feeds the step its
+    tokens, computed once in eval mode), not because of anything here."""
     model.visual.requires_grad_(False)
 
 

@@ -117,7 +117,7 @@ def find_pretrained(name: str, filename: str = "config.json", hub_timeout: float
         return None if os.path.isfile(os.path.join(name, filename)) else f"the folder {name} holds no {filename}"
     if not is_hub_name(name):
         return f"no folder {name}"
-    import huggingface_hub  # imported here: importing runtime.py stays cheap
+    import huggingface_hub  # imported here: importing preflight.py stays cheap
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
     if isinstance(huggingface_hub.try_to_load_from_cache(name, filename), str):
         return None

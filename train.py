@@ -11,7 +11,7 @@
     python train.py --dataset refcoco --dry_run                  # only check that every input is in place
 
 Every field of TrainConfig, DataConfig and ModelConfig is a flag (--key value or --key=value; --help lists them with
-the values that will run). The recipes per dataset and student are in presets.py; flags override them. Before
+the values that will run). The recipes per dataset and student are in config.py; flags override them. Before
 anything is built, downloaded or written, preflight.check_inputs checks every flag and input the run needs and
 reports all that are wrong in one message (exit status 2). train() reads top to bottom: config, data, student,
 teacher, optimizer, resume, loop; optimizer_step is eq. 8 on each micro-batch: the student's forward, the teacher's

@@ -362,7 +362,7 @@ class ShapesWorld(GroundingDataset):
         return shapes.draw(sc), torch.tensor(sc["objects"][0]["box"], dtype=torch.float32), sc["text"]
 
     def transformed(self, i: int) -> dict:
-        if self.train:
+        if self.train or self.split == "captions":  # the toy CLIP reads each once: a cache would only hold them
             return super().transformed(i)
         if not 0 <= i < self.size:
             raise IndexError(f"shapes {self.split}: index {i} outside [0, {self.size})")
@@ -373,8 +373,8 @@ class ShapesWorld(GroundingDataset):
 def _unaugmented(seed: int, split: str, i: int, image_size: int, imsize: int, rare_keep: float) -> dict:
     """An unaugmented scene's sample never changes, so it is drawn once per process. The synthetic world's preset
     reads its train scenes twice (the toy DETR's pretraining, train.py's token cache) and its val and test scenes at
-    every evaluation (the toy CLIP learns on scenes of the captions split instead, 38,400 of them, each once): its
-    12,000 at 64 px keep ~0.6 GB (~53 kB each) and save ~1.7 ms a read."""
+    every evaluation (the toy CLIP learns on scenes of the captions split instead, 38,400 of them, each once: not
+    cached, ShapesWorld.transformed): its 12,000 at 64 px keep ~0.6 GB (~53 kB each) and save ~1.7 ms a read."""
     sc = shapes.scene(seed, split, i, image_size, rare_keep)
     box = torch.tensor(sc["objects"][0]["box"], dtype=torch.float32)
     return transform_sample(shapes.draw(sc), box, sc["text"].lower(), train=False, imsize=imsize)

@@ -175,6 +175,14 @@ def test_shapes_deterministic_tight_boxes_inside(shapes_tok):
         a[30]
 
 
+def test_the_captions_scenes_read_once_by_the_toy_clip_are_drawn_alike_but_not_cached(shapes_tok):
+    world = data.ShapesWorld("captions", shapes_tok, train=False, imsize=S, max_query_len=16, image_size=64)
+    cached = data._unaugmented.cache_info().currsize
+    sample, drawn = world[7], data._unaugmented.__wrapped__(0, "captions", 7, 64, S, world.rare_keep)
+    assert data._unaugmented.cache_info().currsize == cached
+    assert all(torch.equal(sample[k], v) if torch.is_tensor(v) else sample[k] == v for k, v in drawn.items())
+
+
 def test_shapes_vocab_is_bert_shaped(tmp_path):
     path = data.write_shapes_vocab(str(tmp_path / "v"))
     lines = open(path).read().split("\n")

@@ -44,7 +44,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 # Swin sizes by backbone name (ModelConfig.swin overrides them). swin_s_qrnet: QRNet's, the Mask R-CNN Swin-S it
 # starts from (drop-path 0.2 over the 24 blocks). swin_toy_qrnet: for the synthetic world on a laptop CPU (128 px
 # canvas: maps 32/16/8/4, windows of 4, so no stage is padded and stages 1-3 shift; widths 16-128), started from a toy
-# Mask R-CNN Swin (toy.build_toy_swin). Provisional, like config.QRNET_PRESETS["shapes"].
+# Mask R-CNN Swin (toy.build_toy_swin; docs/qrnet.md says what it learns).
 SWIN_SIZES = {
     "swin_s_qrnet": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
                      "drop_path": 0.2},

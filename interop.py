@@ -24,7 +24,7 @@ import torch
 import qrnet
 from files import read_checkpoint
 from flags import UsageError
-from model import GroundingModel, ModelConfig
+from model import BUILT_IN_VISUAL_INITS, GroundingModel, ModelConfig
 
 # -----------------------------------------------------------------------------
 # any checkpoint -> a GroundingModel
@@ -34,7 +34,7 @@ def new_model(cfg: ModelConfig) -> GroundingModel:
     """A new student as a run starts it: GroundingModel(cfg), its visual branch then loaded from cfg.visual_init
     when that is a file (load_visual_checkpoint); random and imagenet are GroundingModel's own."""
     model = GroundingModel(cfg)
-    if cfg.visual_init not in ("random", "imagenet"):
+    if cfg.visual_init not in BUILT_IN_VISUAL_INITS:
         load_visual_checkpoint(model, cfg.visual_init)
     return model
 

@@ -45,6 +45,13 @@ from flags import UsageError, check_fields
 # config
 
 
+# --visual_init values that are not a file: the two GroundingModel builds itself, and the two names resolved to the
+# official checkpoint under --checkpoint_dir (interop.official_visual_checkpoint, when a run starts)
+BUILT_IN_VISUAL_INITS = ("random", "imagenet")
+OFFICIAL_VISUAL_INITS = ("detr", "mask_rcnn")
+NAMED_VISUAL_INITS = (*BUILT_IN_VISUAL_INITS, *OFFICIAL_VISUAL_INITS)
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"  # TransVG: resnet18/34/50/101 (paper: 50, 101); QRNet: swin_s_qrnet, swin_toy_qrnet

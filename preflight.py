@@ -21,7 +21,7 @@ import interop
 import qrnet
 import world
 from flags import UsageError
-from model import ModelConfig, check_text_length
+from model import BUILT_IN_VISUAL_INITS, OFFICIAL_VISUAL_INITS, ModelConfig, check_text_length
 from runtime import DeviceEnv, amp_dtype
 
 
@@ -75,10 +75,10 @@ def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig, env: DeviceEnv) 
             bert = BertConfig.from_pretrained(mcfg.text_encoder, local_files_only=True)
             check(check_text_length, mcfg, bert.max_position_embeddings)
     if not cfg.resume:  # a resumed run takes every weight from its checkpoint
-        if mcfg.visual_init in ("detr", "mask_rcnn"):
+        if mcfg.visual_init in OFFICIAL_VISUAL_INITS:
             check(interop.official_visual_checkpoint, mcfg.visual_init, mcfg.backbone,
                   data.DATASETS[dcfg.dataset].detr, cfg.checkpoint_dir)
-        elif mcfg.visual_init not in ("random", "imagenet") and not os.path.isfile(mcfg.visual_init) and \
+        elif mcfg.visual_init not in BUILT_IN_VISUAL_INITS and not os.path.isfile(mcfg.visual_init) and \
                 "visual_init" not in building:
             problems.append(f"--visual_init {mcfg.visual_init}: no such file; " + advice.get(
                 "visual_init", "give a DETR, TransVG, QRNet or Mask R-CNN checkpoint, or random (or imagenet for a "

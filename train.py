@@ -46,7 +46,7 @@ from config import FORMAT_VERSION, TrainConfig, defaults, resume_configs
 from evaluate import evaluate, print_table
 from flags import UsageError, cli, parse_config
 from losses import distill_loss, total_loss
-from model import GroundingModel, ModelConfig, count_parameters, resolve_text_config
+from model import OFFICIAL_VISUAL_INITS, GroundingModel, ModelConfig, count_parameters, resolve_text_config
 from preflight import check_inputs
 from runtime import DeviceEnv, EpochSeeded, print0
 
@@ -57,7 +57,7 @@ from runtime import DeviceEnv, EpochSeeded, print0
 def resolve(dcfg: data.DataConfig, mcfg: ModelConfig, checkpoint_dir: str, vocab_size: int) -> ModelConfig:
     """Fill what the flags leave implicit, once, before anything is built: the DETR or Mask R-CNN checkpoint path and
     BERT's full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
-    if mcfg.visual_init in ("detr", "mask_rcnn"):
+    if mcfg.visual_init in OFFICIAL_VISUAL_INITS:
         mcfg = replace(mcfg, visual_init=interop.official_visual_checkpoint(
             mcfg.visual_init, mcfg.backbone, data.DATASETS[dcfg.dataset].detr, checkpoint_dir))
     return resolve_text_config(mcfg, vocab_size if mcfg.text_init == "random" else None)

@@ -25,7 +25,7 @@ import shapes
 from config import PRESETS, QRNET_PRESETS
 from files import read_checkpoint
 from flags import UsageError
-from model import ModelConfig
+from model import NAMED_VISUAL_INITS, ModelConfig
 from runtime import DeviceEnv, print0
 from toy import (VISUAL_FIELDS, ToyCLIPConfig, ToyDETRConfig, ToySwinConfig, build_toy_detr, build_toy_swin,
                  build_toy_teacher, swin_fields)
@@ -51,7 +51,7 @@ def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig) -> tuple[list[st
             problems.append(f"--{flag} {n}: fewer training samples than one batch (--batch_size {cfg.batch_size}); "
                             f"give at least {cfg.batch_size}, or a smaller --batch_size")
     teacher = None if cfg.distill == "none" else cfg.teacher
-    detr = None if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn") else mcfg.visual_init
+    detr = None if mcfg.visual_init in NAMED_VISUAL_INITS else mcfg.visual_init
     given = {"text_encoder": mcfg.text_encoder, "teacher": teacher, "visual_init": detr}
     what = {"text_encoder": "vocabulary", "teacher": "toy CLIP", "visual_init": f"toy {_detector(mcfg)}"}
     building = {flag: f"the synthetic world's {what[flag]} will be built at {path}" for flag, path in given.items()
@@ -137,7 +137,7 @@ def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None
     # canvas (QRNet's 128 px) reaches it through CLIPTeacher's own resize to its input, as any student reaches CLIP
     wanted = None if teacher is None else ToyCLIPConfig(
         out_dir=teacher, steps=dcfg.toy_teacher_steps, shapes_image_size=dcfg.shapes_image_size)
-    if mcfg.visual_init in ("random", "imagenet", "detr", "mask_rcnn"):
+    if mcfg.visual_init in NAMED_VISUAL_INITS:
         return wanted, None
     # either detector learns on the run's train scenes (their pictures only), which the run's data cache then shares
     common = dict(path=mcfg.visual_init, steps=dcfg.toy_detr_steps, shapes_image_size=dcfg.shapes_image_size,

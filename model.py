@@ -74,7 +74,8 @@ class ModelConfig:
     visual_init: str = "random"  # random, imagenet (a ResNet's), or a DETR / TransVG / QRNet / Mask R-CNN file (interop.py)
 
     def __post_init__(self) -> None:  # refused here, when the flags are read, not after minutes of loading
-        stride = 16 if self.dilation or self.resnet_stages == 3 else 32
+        swin = self.swin or qrnet.SWIN_SIZES.get(self.backbone)
+        stride = 4 * 2 ** (len(swin["depths"]) - 1) if swin else 16 if self.dilation or self.resnet_stages == 3 else 32
         check_fields(self, [
             ("backbone", self.backbone in BACKBONES, f"one of {', '.join(BACKBONES)}"),
             ("visual_init", self.visual_init != "imagenet" or self.backbone in RESNETS, "not imagenet (a ResNet's)"),
@@ -286,7 +287,7 @@ class GroundingModel(nn.Module):
              loc2 the same two tokens right after visual_proj / text_proj (fusion inputs);
              loc3 DETR encoder output (first token) and BERT's last layer at [CLS];
              loc4 ResNet output (first cell, top-left) and BERT's embedding-layer output at [CLS].
-          QRNet, which has neither: loc3 the neck's first token (stride 32, with its scale embedding), loc4 Swin's.
+          QRNet, which has neither: loc3 the neck's first token (deepest level, + its scale embedding), loc4 Swin's.
         """
         S, S2 = (self.cfg.imsize,) * 2 if visual is not None else images.shape[-2:]
         L = input_ids.shape[1]

@@ -9,6 +9,10 @@
     O_3 (stride 32) and O_4 (stride 64), each plus a learned scale embedding, are what the fusion reads (400 + 100
     tokens on a 640 canvas).
 
+QRNet's Swin-S has 4 stages. A Swin of 3 (the synthetic world's, on a 64 px canvas, as its TransVG toy stops ResNet at
+layer3) runs the same code one level shorter: the fusion reads the deepest stage's level and the extra one, strides
+16 and 32.
+
 The query is BERT's last-layer [CLS] (B,Q), not detached: QD-ATT's gradient reaches BERT (model.py passes it).
 QD-ATT is CBAM's channel-then-spatial gating with weights generated from the query (DynamicLinear). Its V starts at
 zero, so at initialisation every dynamic layer outputs 0, both gates are sigmoid(0) = 1/2 and QD-ATT is a constant
@@ -28,9 +32,10 @@ Q the query's width (BERT's, 768).
 Equal to the official code (tests/test_qrnet_parity.py): torchvision's Swin blocks give mmdet's stage outputs bit for
 bit at 640 px (same window masks, same patch-merging order); the official mmdet Swin always shifts odd blocks while
 torchvision skips the shift when one window covers the whole map, which only happens on canvases under ~224 px.
-The canvas side must be a multiple of 32 (the official neck fails on odd stride-16 maps). Left out, as they never
-run: the detector's RPN head, which QRNet keeps, and 3 of its 5 scale embeddings (only rows 3 and 4 are read). The
-channel gate's dynamic weights are generated once for both of its pools (the official code does it per pool).
+The canvas side must be a multiple of the deepest stage's stride, 32 (16 for 3 stages): the official neck fails on
+odd maps. Left out, as they never run: the detector's RPN head, which QRNet keeps, and 3 of its 5 scale embeddings
+(only rows 3 and 4 are read). The channel gate's dynamic weights are generated once for both of its pools (the
+official code does it per pool).
 
 The official (mmdet) names of these tensors, for a Mask R-CNN Swin-S checkpoint and QRNet's own, are mapped to ours
 in interop.py. This file imports nothing from the project.
@@ -122,7 +127,8 @@ def avg_down(x: torch.Tensor) -> torch.Tensor:
 
 class QueryNeck(nn.Module):
     """The query-aware multiscale neck: stage outputs [(B,c_s,h,w)] x 4 and the query -> levels O_0..O_4, (B,D,h,w)
-    at strides 4, 8, 16, 32 and 64 (see the file's docstring). Only its lateral convs exist in a detector."""
+    at strides 4, 8, 16, 32 and 64 (see the file's docstring; one fewer of each for a 3-stage Swin). Only its lateral
+    convs exist in a detector."""
 
     def __init__(self, in_widths: list[int], dim: int, query_dim: int) -> None:
         super().__init__()
@@ -133,7 +139,7 @@ class QueryNeck(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def top_down(self, stages: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The lateral convs and the top-down sums, [(B,D,h,w)] x 4: what a detector's FPN computes before its 3x3
+        """The lateral convs and the top-down sums, [(B,D,h,w)] per stage: what a detector's FPN computes before its 3x3
         output convs (toy.build_toy_swin trains them so)."""
         laterals = [conv(x) for conv, x in zip(self.lateral, stages)]  # (B,D,h,w) each
         for i in range(len(laterals) - 1, 0, -1):  # top-down; sizes halve exactly, so nearest = each cell 2x2 times
@@ -157,7 +163,8 @@ class QRNetVisual(nn.Module):
     output LayerNorms, the query-aware neck of width D, and the scale embeddings of the two levels the fusion reads.
     sizes: a SWIN_SIZES entry. forward(images (B,3,S,S), img_is_pad (B,S,S) True = padding, query (B,Q)) ->
       tokens (B,N,D): the stride-32 then the stride-64 level, row-major, each plus its scale embedding (QRNet adds it
-                      before visu_proj); N = n^2 + ceil(n/2)^2 with n = S/32 (400 + 100 at 640)
+                      before visu_proj); N = n^2 + ceil(n/2)^2 with n = S/32 (400 + 100 at 640); a 3-stage Swin:
+                      strides 16 and 32, n = S/16
       tokens_is_pad (B,N): True where the cell's top-left pixel is padding (nearest resize: QRNet's rule, TransVG's)
       last_stage (B,c_3,h,w): Swin's stage-4 output."""
 
@@ -166,8 +173,8 @@ class QRNetVisual(nn.Module):
 
     def __init__(self, sizes: dict, dim: int, query_dim: int) -> None:
         super().__init__()
-        if len(sizes["depths"]) != 4:
-            raise ValueError(f"QRNet's neck needs a 4-stage Swin, got depths {sizes['depths']}")
+        if len(sizes["depths"]) not in (3, 4):
+            raise ValueError(f"QRNet's visual branch needs a Swin of 4 stages (or 3), got depths {sizes['depths']}")
         w = sizes["window_size"]
         swin = SwinTransformer(patch_size=[4, 4], embed_dim=sizes["embed_dim"], depths=sizes["depths"],
                                num_heads=sizes["num_heads"], window_size=[w, w],
@@ -175,7 +182,8 @@ class QRNetVisual(nn.Module):
         self.patch_embed = swin.features[0]  # conv 4x4 stride 4 -> NHWC -> LayerNorm
         self.stages = nn.ModuleList(swin.features[1::2])  # each stage's Swin blocks, (B,h,w,c) -> (B,h,w,c)
         self.merges = nn.ModuleList(swin.features[2::2])  # patch merging, (B,h,w,c) -> (B,h/2,w/2,2c)
-        self.widths = [sizes["embed_dim"] * 2**s for s in range(4)]  # c_s: 96, 192, 384, 768 for Swin-S
+        self.widths = [sizes["embed_dim"] * 2**s for s in range(len(self.stages))]  # c_s: 96 ... 768 for Swin-S
+        self.strides = [4 * 2**s for s in range(len(self.stages) + 1)]  # the neck's levels: 4 ... 32, then 64
         self.qdatt = nn.ModuleList(QueryDynamicAttention(c, query_dim) for c in self.widths)
         self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.widths)  # the detector's norm0..norm3
         for m in self.qdatt.modules():  # the official backbone init covers its QD-ATT: trunc_normal(.02), zero bias
@@ -184,27 +192,27 @@ class QRNetVisual(nn.Module):
                 nn.init.zeros_(m.bias)
         self.neck = QueryNeck(self.widths, dim, query_dim)
         self.scale_embed = nn.Parameter(torch.randn(2, dim))  # QRNet's rows 3 and 4 of 5 (0-2 are never read); N(0,1)
-        self.cnn_channels = self.widths[-1]  # C of the last map it returns: Swin's stage 4
+        self.cnn_channels = self.widths[-1]  # C of the last map it returns: Swin's last stage
 
     def num_tokens(self, imsize: int) -> int:
-        n = imsize // 32
-        return n * n + ((n + 1) // 2) ** 2  # strides 32 and 64: 400 + 100 for a 640 canvas
+        n = imsize // self.strides[-2]
+        return n * n + ((n + 1) // 2) ** 2  # the last two levels: 400 + 100 for Swin-S on a 640 canvas
 
     def forward(self, images: torch.Tensor, img_is_pad: torch.Tensor, query: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stages, levels = self.features(images, query)
-        fused = levels[-2:]  # strides 32 and 64
+        fused = levels[-2:]  # the deepest stage's level and the extra one: strides 32 and 64 for Swin-S
         tokens = torch.cat([x.flatten(2).transpose(1, 2) + e for x, e in zip(fused, self.scale_embed)], dim=1)
         is_pad = [F.interpolate(img_is_pad[:, None].float(), size=x.shape[-2:]).flatten(1).bool() for x in fused]
         return tokens, torch.cat(is_pad, dim=1), stages[-1]
 
     def features(self, images: torch.Tensor, query: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(stage outputs [(B,c_s,h,w)] x 4, neck levels [(B,D,h,w)] x 5)."""
+        """(stage outputs [(B,c_s,h,w)] x 4, neck levels [(B,D,h,w)] x 5; 3 and 4 for a 3-stage Swin)."""
         stages = self.stage_outputs(images, query)
         return stages, self.neck(stages, query)
 
     def stage_outputs(self, images: torch.Tensor, query: torch.Tensor | None) -> list[torch.Tensor]:
-        """Swin's stage outputs [(B,c_s,h,w)] x 4, each stage gated by QD-ATT; query None: without QD-ATT, the
+        """Swin's stage outputs [(B,c_s,h,w)] per stage, each stage gated by QD-ATT; query None: without QD-ATT, the
         Swin of the detector QRNet starts from (toy.build_toy_swin)."""
         x = self.patch_embed(images)  # (B,S/4,S/4,c_0)
         stages = []

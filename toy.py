@@ -335,7 +335,6 @@ def build_toy_detr(cfg: ToyDETRConfig, mcfg: ModelConfig, tokenizer) -> dict:
 # lateral 1x1 convs, while QD-ATT, which a detector has none of, starts at its initialisation. The toy does the same on
 # the world: Swin without QD-ATT, laterals and top-down sums (qrnet.QueryNeck.top_down), a per-cell head on each level.
 SWIN_FIELDS = ("backbone", "swin", "imsize", "hidden_dim")  # the ModelConfig fields that shape the Swin and laterals
-SWIN_STRIDES = (4, 8, 16, 32)  # the FPN levels the head reads: Mask R-CNN's P2-P5
 
 
 @dataclass
@@ -367,10 +366,11 @@ def _cell_relative(box: torch.Tensor, n: int) -> torch.Tensor:
 def _swin_detection(visual: qrnet.QRNetVisual, head: nn.Module, world: data.ShapesWorld, indices: list[int]
                     ) -> tuple[torch.Tensor, dict]:
     """The detection loss of the scenes, mean over the FPN levels, and its metrics per level (s4_colour, ...)."""
-    batch, targets = _detection_batch(world, indices, list(SWIN_STRIDES))
+    strides = visual.strides[:-1]  # a level per stage: Mask R-CNN's P2-P5 (P2-P4 for a 3-stage Swin)
+    batch, targets = _detection_batch(world, indices, strides)
     levels = visual.neck.top_down(visual.stage_outputs(batch["image"], None))  # [(B,D,S/s,S/s)] per stride s
     total, metrics = 0.0, {}
-    for stride, level, t in zip(SWIN_STRIDES, levels, targets):
+    for stride, level, t in zip(strides, levels, targets):
         t["box"] = _cell_relative(t["box"], level.shape[-1])
         is_pad = F.interpolate(batch["img_is_pad"][:, None].float(), size=level.shape[-2:]).flatten(1).bool()
         loss, m = detection_loss(head(level.flatten(2).transpose(1, 2)), t, is_pad)  # tokens (B,h*w,D), row-major

@@ -154,7 +154,7 @@ PRESETS["shapes"] = dict(
 # distillation and ~39 % without (docs/qrnet.md: the runs, the controls, the probes, what might close the gap).
 QRNET_PRESETS["shapes"] = dict(
     resnet_stages=4, visual_init="out/shapes_swin.pth", toy_detr_steps=600, cache_visual=False, augment=False,
-    imsize=128, pos_std=1.0, epochs=6, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=32,
+    imsize=64, pos_std=1.0, epochs=12, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=32,
     micro_batch=32, lr=5e-4, lr_visual=5e-5, lr_text=5e-4, eval_every=500)
 
 # -----------------------------------------------------------------------------

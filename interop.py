@@ -339,11 +339,12 @@ def qrnet_to_ours(sd: dict, max_query_len: int) -> dict:
 def qrnet_config(sd: dict, args: dict) -> ModelConfig:
     """Infer our ModelConfig from the shapes of an official QRNet state dict: the Swin's sizes (drop-path, which
     leaves no trace, is QRNet's 0.2), and the query length from the position rows, 1 + L + n^2 + ceil(n/2)^2 with
-    n = imsize / 32."""
+    n = imsize / 32 (imsize / 16 for a Swin of 3 stages)."""
     p = "visumodel.backbone.layers."
-    tables = [sd[f"{p}{s}.blocks.0.attn.relative_position_bias_table"] for s in range(4)]  # ((2w-1)^2, heads)
+    stages = range(_count_blocks(sd, p))  # 4 for QRNet's Swin-S
+    tables = [sd[f"{p}{s}.blocks.0.attn.relative_position_bias_table"] for s in stages]  # ((2w-1)^2, heads)
     sizes = {"embed_dim": sd["visumodel.backbone.patch_embed.proj.weight"].shape[0],
-             "depths": [_count_blocks(sd, f"{p}{s}.blocks.") for s in range(4)],
+             "depths": [_count_blocks(sd, f"{p}{s}.blocks.") for s in stages],
              "num_heads": [t.shape[1] for t in tables], "window_size": (math.isqrt(tables[0].shape[0]) + 1) // 2,
              "drop_path": 0.2}
     named = next((name for name, s in qrnet.SWIN_SIZES.items() if s == sizes), None)
@@ -351,7 +352,7 @@ def qrnet_config(sd: dict, args: dict) -> ModelConfig:
     neck = sd["visumodel.neck.lateral_convs.0.conv.weight"].shape[0]
     if neck != fusion["hidden_dim"]:
         raise ValueError(f"QRNet neck width {neck} differs from the fusion width {fusion['hidden_dim']}: unsupported")
-    n = fusion["imsize"] // 32
+    n = fusion["imsize"] // (4 * 2 ** (len(stages) - 1))  # the deepest stage's stride: 32 for Swin-S
     max_query_len = sd["vl_pos_embed.weight"].shape[0] - 1 - n * n - ((n + 1) // 2) ** 2
     if args.get("max_query_len", max_query_len) != max_query_len or max_query_len < 2:
         raise ValueError(f"checkpoint args say max_query_len={args.get('max_query_len')} but its "

@@ -47,13 +47,13 @@ import torch.nn.functional as F
 from torchvision.models.swin_transformer import SwinTransformer
 
 # Swin sizes by backbone name (ModelConfig.swin overrides them). swin_s_qrnet: QRNet's, the Mask R-CNN Swin-S it
-# starts from (drop-path 0.2 over the 24 blocks). swin_toy_qrnet: for the synthetic world on a laptop CPU (128 px
-# canvas: maps 32/16/8/4, windows of 4, so no stage is padded and stages 1-3 shift; widths 16-128), started from a toy
-# Mask R-CNN Swin (toy.build_toy_swin; docs/qrnet.md says what it learns).
+# starts from (drop-path 0.2 over the 24 blocks). swin_toy_qrnet: for the synthetic world on a laptop CPU, 3 stages as
+# its TransVG toy has 3 ResNet layers (64 px canvas: maps 16/8/4, windows of 4, so no stage is padded and stages 1-2
+# shift; widths 32-128), started from a toy Mask R-CNN Swin (toy.build_toy_swin; docs/qrnet.md says what it learns).
 SWIN_SIZES = {
     "swin_s_qrnet": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
                      "drop_path": 0.2},
-    "swin_toy_qrnet": {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 1, 2, 4], "window_size": 4,
+    "swin_toy_qrnet": {"embed_dim": 32, "depths": [2, 2, 2], "num_heads": [1, 2, 4], "window_size": 4,
                        "drop_path": 0.1},
 }
 

@@ -66,6 +66,29 @@ def test_output_shapes_keys_and_distill_locations(model):
     assert model.distill_widths("loc4") == (128, 64)
 
 
+def test_a_three_stage_swin_runs_the_branch_one_level_shorter(qrnet_config_tiny, tmp_path):
+    """The synthetic world's QRNet: 3 stages on a 64 px canvas (maps 16, 8, 4), so the fusion reads the stride-16
+    level and the extra stride-32 one (4 x 4 + 2 x 2 tokens); its canvas must be a multiple of 16, not of 32."""
+    swin = {**TINY_SWIN, "depths": [1, 2, 1], "num_heads": [1, 2, 2]}
+    torch.manual_seed(0)
+    model = GroundingModel(qrnet_config_tiny(swin=swin)).eval()
+    captured = {}
+    model.visual.neck.register_forward_hook(lambda m, i, o: captured.__setitem__("levels", o))
+    model.fusion.register_forward_pre_hook(lambda m, a: captured.__setitem__("is_pad", a[2]))
+    x = example_inputs(model.cfg)  # sample 1: right half padded
+    out = model(**x)
+    assert [lvl.shape[-1] for lvl in captured["levels"]] == [16, 8, 4, 2] and model.num_visual == 4 * 4 + 2 * 2
+    assert model.distill_widths("loc4") == (64, 64) and out["distill"]["loc4"][0].shape == (3, 64)
+    assert captured["is_pad"][1, 1:21].view(-1).tolist() == [False, False, True, True] * 4 + [False, True] * 2
+    randomise_V(model)
+    torch.save(qrnet_checkpoint(model), tmp_path / "QRNet_3_stages.pth")  # official layout: layers.0-2, 4 levels
+    loaded = load_model(str(tmp_path / "QRNet_3_stages.pth"))
+    assert loaded.cfg.swin["depths"] == [1, 2, 1] and torch.equal(loaded(**x)["pred_boxes"], model(**x)["pred_boxes"])
+    qrnet_config_tiny(swin=swin, imsize=48)  # 48 = 3 x 16: accepted
+    with pytest.raises(UsageError, match="imsize"):
+        qrnet_config_tiny(imsize=48)  # 4 stages need a multiple of 32
+
+
 def test_padded_cells_are_masked_per_level(model):
     captured = {}
     model.fusion.register_forward_pre_hook(lambda m, a: captured.__setitem__("is_pad", a[2]))

@@ -134,7 +134,7 @@ def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None
     them: a toy DETR for a TransVG student, a toy Swin for a QRNet one (--toy_detr_steps steps, either)."""
     # The toy CLIP is one model of the world, as CLIP is one model of the web: it learns on the canvas of the world's
     # preset (ToyCLIPConfig.imsize, the TransVG student's 64 px), whatever the student's, and a student on another
-    # canvas (QRNet's 128 px) reaches it through CLIPTeacher's own resize to its input, as any student reaches CLIP
+    # canvas (any other --imsize) reaches it through CLIPTeacher's own resize to its input, as any student reaches CLIP
     wanted = None if teacher is None else ToyCLIPConfig(
         out_dir=teacher, steps=dcfg.toy_teacher_steps, shapes_image_size=dcfg.shapes_image_size)
     if mcfg.visual_init in NAMED_VISUAL_INITS:

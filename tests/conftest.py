@@ -36,6 +36,7 @@ from model import GroundingModel, ModelConfig  # noqa: E402
 TINY_BERT = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=64,
                  max_position_embeddings=32)
 # QRNet's Swin: 4 stages of widths 16/32/64/128 on a 64 px canvas (maps 16, 8, 4, 2), windows of 2 so stage 1 shifts
+# (the toy QRNet's has 3 stages: test_qrnet's three-stage test)
 TINY_SWIN = {"embed_dim": 16, "depths": [1, 2, 1, 1], "num_heads": [1, 2, 2, 4], "window_size": 2, "drop_path": 0.1}
 TINY_CLIP_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 

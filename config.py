@@ -147,11 +147,12 @@ PRESETS["shapes"] = dict(
 # branch reads the expression, so it can be neither the toy DETR nor cached. As QRNet starts from a Mask R-CNN Swin,
 # it starts from a toy one (toy.build_toy_swin: the Swin and the neck's lateral convs pretrained to detect the world's
 # objects without text, --toy_detr_steps steps; QD-ATT at its initialisation), which trains at a tenth of the lr of
-# what is new (QD-ATT, scale embeddings, fusion, head) and of the random toy BERT: QRNet's split, scaled. A 128 px
-# canvas gives Swin maps 32/16/8/4 (windows of 4) and the fusion 4 x 4 + 2 x 2 tokens; pos_std 1 is TransVG's
-# nn.Embedding init. Batch 32 for 6 epochs (1,872 steps, cosine): chosen on --distill none, as the TransVG default's
-# recipe was. It does not reach issue 23's goal: ~13 minutes from an empty out/ on 2 cores, val ~28 % with the
-# distillation and ~39 % without (docs/qrnet.md: the runs, the controls, the probes, what might close the gap).
+# what is new (QD-ATT, scale embeddings, fusion, head) and of the random toy BERT: QRNet's split, scaled. Its Swin has
+# 3 stages (qrnet.SWIN_SIZES), as the TransVG toy's ResNet stops at layer3: on the same 64 px canvas, maps 16/8/4
+# (windows of 4), and the fusion reads strides 16 and 32, 4 x 4 + 2 x 2 tokens; pos_std 1 is TransVG's nn.Embedding
+# init. Batch 32 for 12 epochs (3,744 steps, cosine): chosen on --distill none, as the TransVG default's recipe was,
+# and as long as 15 minutes allow. It does not reach issue 23's goal: 15 minutes from an empty out/ on 2 cores and
+# val 53 % with the distillation (docs/qrnet.md: the runs, the controls, the probes, what might close the gap).
 QRNET_PRESETS["shapes"] = dict(
     resnet_stages=4, visual_init="out/shapes_swin.pth", toy_detr_steps=600, cache_visual=False, augment=False,
     imsize=64, pos_std=1.0, epochs=12, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=32,

@@ -330,7 +330,7 @@ def ours_to_official(sd: dict, backbone: str, neck: str) -> dict:
 def qrnet_to_ours(sd: dict, max_query_len: int) -> dict:
     """Map an official QRNet state dict to ours: Swin, QD-ATT and neck by official_to_ours, the rest as
     TransVG's (position rows reordered); dropped, as they never run: BERT's pooler, the RPN head, scale-embedding
-    rows 0-2 (QRNet adds rows 3 and 4 to its stride-32 and stride-64 levels)."""
+    rows 0-2 (QRNet adds rows 3 and 4 to its stride-32 and stride-64 levels; ours to the last two levels)."""
     visual, rest = official_to_ours(sd, "visumodel.backbone.", "visumodel.neck.", into="visual.")
     rest = {k: sd[k] for k in rest if not k.startswith(("visumodel.rpn_head.", "scale_embed."))}
     return {**visual, **transvg_to_ours(rest, max_query_len), "visual.scale_embed": sd["scale_embed.weight"][3:5]}

@@ -166,7 +166,7 @@ class QRNetVisual(nn.Module):
                       before visu_proj); N = n^2 + ceil(n/2)^2 with n = S/32 (400 + 100 at 640); a 3-stage Swin:
                       strides 16 and 32, n = S/16
       tokens_is_pad (B,N): True where the cell's top-left pixel is padding (nearest resize: QRNet's rule, TransVG's)
-      last_stage (B,c_3,h,w): Swin's stage-4 output."""
+      last_stage (B,c,h,w): Swin's last stage's output (stage 4 of Swin-S)."""
 
     # the top-level names of checkpoints written before the branch became model.visual -> its own (GroundingModel)
     LEGACY_NAMES = {"backbone.": ""}
@@ -185,13 +185,13 @@ class QRNetVisual(nn.Module):
         self.widths = [sizes["embed_dim"] * 2**s for s in range(len(self.stages))]  # c_s: 96 ... 768 for Swin-S
         self.strides = [4 * 2**s for s in range(len(self.stages) + 1)]  # the neck's levels: 4 ... 32, then 64
         self.qdatt = nn.ModuleList(QueryDynamicAttention(c, query_dim) for c in self.widths)
-        self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.widths)  # the detector's norm0..norm3
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.widths)  # the detector's norm0..norm3 (or 2)
         for m in self.qdatt.modules():  # the official backbone init covers its QD-ATT: trunc_normal(.02), zero bias
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.neck = QueryNeck(self.widths, dim, query_dim)
-        self.scale_embed = nn.Parameter(torch.randn(2, dim))  # QRNet's rows 3 and 4 of 5 (0-2 are never read); N(0,1)
+        self.scale_embed = nn.Parameter(torch.randn(2, dim))  # QRNet's rows 3, 4 of 5 (0-2 never read); N(0,1)
         self.cnn_channels = self.widths[-1]  # C of the last map it returns: Swin's last stage
 
     def num_tokens(self, imsize: int) -> int:

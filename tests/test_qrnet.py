@@ -87,6 +87,8 @@ def test_a_three_stage_swin_runs_the_branch_one_level_shorter(qrnet_config_tiny,
     qrnet_config_tiny(swin=swin, imsize=48)  # 48 = 3 x 16: accepted
     with pytest.raises(UsageError, match="imsize"):
         qrnet_config_tiny(imsize=48)  # 4 stages need a multiple of 32
+    with pytest.raises(UsageError, match="--swin"):
+        qrnet_config_tiny(swin={**TINY_SWIN, "depths": [1, 1]})  # refused when the flags are read, not at build
 
 
 def test_padded_cells_are_masked_per_level(model):

@@ -352,7 +352,7 @@ def qrnet_config(sd: dict, args: dict) -> ModelConfig:
     neck = sd["visumodel.neck.lateral_convs.0.conv.weight"].shape[0]
     if neck != fusion["hidden_dim"]:
         raise ValueError(f"QRNet neck width {neck} differs from the fusion width {fusion['hidden_dim']}: unsupported")
-    n = fusion["imsize"] // (4 * 2 ** (len(stages) - 1))  # the deepest stage's stride: 32 for Swin-S
+    n = fusion["imsize"] // qrnet.deepest_stride(sizes["depths"])  # 32 for Swin-S
     max_query_len = sd["vl_pos_embed.weight"].shape[0] - 1 - n * n - ((n + 1) // 2) ** 2
     if args.get("max_query_len", max_query_len) != max_query_len or max_query_len < 2:
         raise ValueError(f"checkpoint args say max_query_len={args.get('max_query_len')} but its "

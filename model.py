@@ -75,10 +75,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:  # refused here, when the flags are read, not after minutes of loading
         swin = (self.swin or qrnet.SWIN_SIZES[self.backbone]) if self.backbone in qrnet.SWIN_SIZES else None
-        stages = len(swin.get("depths", ())) if swin else self.resnet_stages  # a Swin's stride: 4, then x2 a stage
-        stride = 4 * 2 ** (stages - 1) if swin else 16 if self.dilation or self.resnet_stages == 3 else 32
+        depths = swin.get("depths", []) if swin else []
+        stride = qrnet.deepest_stride(depths) if swin else 16 if self.dilation or self.resnet_stages == 3 else 32
         check_fields(self, [
-            ("swin", swin is None or stages in (3, 4), "Swin sizes whose depths give 4 stages (or 3)"),
+            ("swin", swin is None or len(depths) in qrnet.STAGES, "Swin sizes whose depths give 4 stages (or 3)"),
             ("backbone", self.backbone in BACKBONES, f"one of {', '.join(BACKBONES)}"),
             ("visual_init", self.visual_init != "imagenet" or self.backbone in RESNETS, "not imagenet (a ResNet's)"),
             ("dilation", not self.dilation or self.backbone in ("resnet50", "resnet101"), "a bottleneck ResNet"),

@@ -57,6 +57,14 @@ SWIN_SIZES = {
                        "drop_path": 0.1},
 }
 
+STAGES = (4, 3)  # Swin stages the branch runs: QRNet's 4, or 3 (one level shorter)
+
+
+def deepest_stride(depths: list[int]) -> int:
+    """The stride of a Swin's last stage (4 at the patch embedding, x2 at each merge): 32 for Swin-S, 16 for 3 stages.
+    The canvas side must be a multiple of it, and the fusion reads its level and the one below (twice the stride)."""
+    return 4 * 2 ** (len(depths) - 1)
+
 # -----------------------------------------------------------------------------
 # query-aware dynamic attention
 
@@ -173,7 +181,7 @@ class QRNetVisual(nn.Module):
 
     def __init__(self, sizes: dict, dim: int, query_dim: int) -> None:
         super().__init__()
-        if len(sizes["depths"]) not in (3, 4):
+        if len(sizes["depths"]) not in STAGES:
             raise ValueError(f"QRNet's visual branch needs a Swin of 4 stages (or 3), got depths {sizes['depths']}")
         w = sizes["window_size"]
         swin = SwinTransformer(patch_size=[4, 4], embed_dim=sizes["embed_dim"], depths=sizes["depths"],
@@ -183,7 +191,7 @@ class QRNetVisual(nn.Module):
         self.stages = nn.ModuleList(swin.features[1::2])  # each stage's Swin blocks, (B,h,w,c) -> (B,h,w,c)
         self.merges = nn.ModuleList(swin.features[2::2])  # patch merging, (B,h,w,c) -> (B,h/2,w/2,2c)
         self.widths = [sizes["embed_dim"] * 2**s for s in range(len(self.stages))]  # c_s: 96 ... 768 for Swin-S
-        self.strides = [4 * 2**s for s in range(len(self.stages) + 1)]  # the neck's levels: 4 ... 32, then 64
+        self.strides = [4 * 2**s for s in range(len(self.stages))]  # the stages' (and laterals'): 4 ... 32 for Swin-S
         self.qdatt = nn.ModuleList(QueryDynamicAttention(c, query_dim) for c in self.widths)
         self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.widths)  # the detector's norm0..norm3 (or 2)
         for m in self.qdatt.modules():  # the official backbone init covers its QD-ATT: trunc_normal(.02), zero bias
@@ -195,7 +203,7 @@ class QRNetVisual(nn.Module):
         self.cnn_channels = self.widths[-1]  # C of the last map it returns: Swin's last stage
 
     def num_tokens(self, imsize: int) -> int:
-        n = imsize // self.strides[-2]
+        n = imsize // self.strides[-1]
         return n * n + ((n + 1) // 2) ** 2  # the last two levels: 400 + 100 for Swin-S on a 640 canvas
 
     def forward(self, images: torch.Tensor, img_is_pad: torch.Tensor, query: torch.Tensor

@@ -366,7 +366,7 @@ def _cell_relative(box: torch.Tensor, n: int) -> torch.Tensor:
 def _swin_detection(visual: qrnet.QRNetVisual, head: nn.Module, world: data.ShapesWorld, indices: list[int]
                     ) -> tuple[torch.Tensor, dict]:
     """The detection loss of the scenes, mean over the FPN levels, and its metrics per level (s4_colour, ...)."""
-    strides = visual.strides[:-1]  # a level per stage: Mask R-CNN's P2-P5 (P2-P4 for a 3-stage Swin)
+    strides = visual.strides  # a level per stage: Mask R-CNN's P2-P5 (P2-P4 for a 3-stage Swin)
     batch, targets = _detection_batch(world, indices, strides)
     levels = visual.neck.top_down(visual.stage_outputs(batch["image"], None))  # [(B,D,S/s,S/s)] per stride s
     total, metrics = 0.0, {}

@@ -41,6 +41,7 @@ import shapes
 import transforms
 from clip_teacher import CLIPTeacher, save_random_clip
 from config import PRESETS, QRNET_PRESETS
+from files import save_atomic
 from flags import UsageError, cli, parse_config
 from interop import DETR_PREFIXES, ours_to_official, rename_keys
 from model import GroundingModel, ModelConfig
@@ -288,10 +289,8 @@ def _pretrain(what: str, cfg, params: list, batch_loss) -> None:
 
 
 def _save_detector(what: str, path: str, ckpt: dict, metrics: dict) -> None:
-    partial = path + ".partial"  # moved into place whole: a killed build never looks like a detector
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(ckpt, partial)
-    os.replace(partial, path)
+    save_atomic(ckpt, path)  # moved into place whole: a killed build never looks like a detector
     print(f"toy {what} saved to {path} in {metrics['seconds']:.0f} s; on 512 held-out scenes: " +
           _said({k[4:]: v for k, v in metrics.items() if k.startswith("val_")}))
 

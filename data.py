@@ -95,6 +95,11 @@ class DataConfig:
                             ("shapes_image_size", self.shapes_image_size >= 32, ">= 32 pixels"),
                             ("shapes_rare_keep", 0 <= self.shapes_rare_keep <= 1, "in [0, 1]")])
 
+    def shapes_size(self, split: str) -> int:
+        """Scenes in the synthetic world's `split`: --shapes_train_size for train, --shapes_eval_size for any other,
+        shapes.SPLITS's size where the flag is 0."""
+        return (self.shapes_train_size if split == "train" else self.shapes_eval_size) or shapes.SPLITS[split][1]
+
 
 GET_SPLITS = ("Download the TransVG split indices (data.tar, linked from TransVG's GETTING_STARTED.md; QRNet and "
               "CLIP-VG ship the same files) and extract them")
@@ -391,8 +396,7 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer, *, train: bool, imsize:
         raise UsageError(f"{name} has no split {split!r}; valid: {', '.join(DATASETS[name].splits)}")
     common = dict(train=train, imsize=imsize, max_query_len=max_query_len)
     if name == "shapes":
-        size = (cfg.shapes_train_size if split == "train" else cfg.shapes_eval_size) or None
-        ds = ShapesWorld(split, tokenizer, size=size, image_size=cfg.shapes_image_size,
+        ds = ShapesWorld(split, tokenizer, size=cfg.shapes_size(split), image_size=cfg.shapes_image_size,
                          rare_keep=cfg.shapes_rare_keep, **common)
     else:
         ds = TransVGSplits(name, split, tokenizer, split_root=cfg.split_root, data_root=cfg.data_root,

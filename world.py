@@ -45,8 +45,8 @@ def check_inputs(cfg, dcfg: data.DataConfig, mcfg: ModelConfig) -> tuple[list[st
     each given path that does not exist, since nothing is built there)."""
     problems, mcfg = [], needed(cfg, mcfg)
     if cfg.train_split in shapes.SPLITS:  # its sizes are known without a file
+        n = dcfg.shapes_size(cfg.train_split)
         flag = "shapes_train_size" if cfg.train_split == "train" else "shapes_eval_size"
-        n = getattr(dcfg, flag) or shapes.SPLITS[cfg.train_split][1]
         if n < cfg.batch_size:
             problems.append(f"--{flag} {n}: fewer training samples than one batch (--batch_size {cfg.batch_size}); "
                             f"give at least {cfg.batch_size}, or a smaller --batch_size")
@@ -141,7 +141,7 @@ def toy_configs(mcfg: ModelConfig, dcfg: data.DataConfig, teacher: str | None
         return wanted, None
     # either detector learns on the run's train scenes (their pictures only), which the run's data cache then shares
     common = dict(path=mcfg.visual_init, steps=dcfg.toy_detr_steps, shapes_image_size=dcfg.shapes_image_size,
-                  train_size=dcfg.shapes_train_size or shapes.SPLITS["train"][1])
+                  train_size=dcfg.shapes_size("train"))
     if mcfg.backbone in qrnet.SWIN_SIZES:
         return wanted, ToySwinConfig(**common, model=swin_fields(mcfg))
     return wanted, ToyDETRConfig(**common, model={k: getattr(mcfg, k) for k in VISUAL_FIELDS})

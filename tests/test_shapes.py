@@ -156,6 +156,8 @@ def test_shapes_deterministic_tight_boxes_inside(shapes_tok):
     other_seed = data.ShapesWorld("val", shapes_tok, train=False, imsize=S, max_query_len=20, seed=1, size=30)
     train = data.make_dataset(small, "train", shapes_tok, train=False, imsize=S)
     assert len(a) == 30 and len(data.make_dataset(WORLD, "train", shapes_tok, train=True)) == 20000
+    only_train = data.DataConfig("shapes", shapes_train_size=30)  # the other splits keep shapes.SPLITS's sizes
+    assert [only_train.shapes_size(s) for s in ("train", "val", "captions")] == [30, 1000, 200000]
     sizes = set()
     for i in range(30):
         sa, sb = a[i], b[i]

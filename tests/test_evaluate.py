@@ -177,7 +177,8 @@ def test_drop_invalid_skips_bad_entries_and_the_table_counts_them(checkpoint, tm
              f"--split_root={tmp_path / 'splits'}", f"--data_root={tmp_path / 'images'}"]
     with pytest.raises(ValueError, match=r"(?s)1 invalid entries \(--drop_invalid skips them\).*entry 2: zero-area box"):
         evaluate.main(flags)
-    results = evaluate.main(flags + ["--drop_invalid"])
+    with pytest.warns(UserWarning, match=r"refcoco val: skipped 1 invalid entries; .*entry 2: zero-area box"):
+        results = evaluate.main(flags + ["--drop_invalid"])
     assert results["val"]["n"] == 2 and results["val"]["skipped"] == 1
     assert "(1 invalid entries skipped, not counted)" in capsys.readouterr().out
 

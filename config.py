@@ -152,7 +152,8 @@ PRESETS["shapes"] = dict(
 # (windows of 4), and the fusion reads strides 16 and 32, 4 x 4 + 2 x 2 tokens; pos_std 1 is TransVG's nn.Embedding
 # init. Batch 32 for 12 epochs (3,744 steps, cosine): chosen on --distill none, as the TransVG default's recipe was,
 # and as long as 15 minutes allow. It does not reach issue 23's goal: 15 minutes from an empty out/ on 2 cores and
-# val 53 % with the distillation (docs/qrnet.md: the runs, the controls, the probes, what might close the gap).
+# val 53 % with the distillation; --epochs 32 levels off under 80 % as well (docs/qrnet.md: the runs, the controls,
+# the probes, what might close the gap).
 QRNET_PRESETS["shapes"] = dict(
     resnet_stages=4, visual_init="out/shapes_swin.pth", toy_detr_steps=600, cache_visual=False, augment=False,
     imsize=64, pos_std=1.0, epochs=12, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=32,

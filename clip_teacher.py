@@ -1,10 +1,8 @@
 """The CLIP teacher of EpmVG's cross-modal distillation: [DIE], [DTE] and the pooling to student widths.
 
-What it does
-  CLIPTeacher wraps a transformers.CLIPModel and its tokenizer. encode_image gives [DIE], the projected
-  image embedding of the student's own augmented canvas; encode_text gives [DTE], the projected text
-  embedding of the same (post-flip) expression; targets() pools both to the widths of the student
-  features that are distilled (eq. 5-6). The loss itself (eq. 7) is losses.distill_loss.
+CLIPTeacher wraps a transformers.CLIPModel and its tokenizer: encode_image gives [DIE] of the student's own augmented
+canvas, encode_text [DTE] of the same (post-flip) expression, targets() pools both to the widths of the student
+features that are distilled (eq. 5-6). The loss itself (eq. 7) is losses.distill_loss.
 
 References
   EpmVG: Wang et al., arXiv 2312.17648, sec. 3.2, eq. 5-7; ablations in Tables 3-5.
@@ -19,7 +17,7 @@ Choices the paper leaves open, and ours
     L2-normalised: the cosine loss ignores scale and the pooling is linear, so only the L1 variant
     (Table 3 #2) would see a difference, and the paper does not say it normalises.
   - Image input: the student's augmented canvas itself (same crop, flip, colour jitter), so teacher
-    and student see one picture. The caller undoes the student's ImageNet normalisation (transforms.unnormalise,
+    and student see one picture. The caller undoes the student's ImageNet normalisation (data.unnormalise,
     so that data.py stays the one place that defines it) and passes RGB in [0,1]; we resize it to CLIP's
     input size (bicubic with antialias, like CLIP's processor; no centre crop, which could cut out the
     referred object), clamp to [0,1] as CLIP's uint8 pipeline does, then apply CLIP's own mean/std
@@ -31,16 +29,15 @@ Choices the paper leaves open, and ours
   - Text: OpenAI's basic clean (ftfy + HTML unescape; transformers' tokenizer does not run ftfy), CLIP
     BPE, truncated to the model's 77 positions keeping the end token, padded to the longest in the
     batch (CLIP's causal mask and end-token pooling make the padding length irrelevant).
-  - Precision: fp32 weights, bf16 autocast on CUDA only, fp32 outputs.
+  - Precision: fp32 weights, bf16 autocast on CUDA only, fp32 outputs. Text cache (opt-in, frozen only): exact
+    string keys, LRU with a fixed number of entries.
   - Frozen (default; Table 5 #1): requires_grad_(False), eval mode, inference_mode. Not an nn.Module,
     so it can never be registered under the student: student.train(), state_dict(), DDP and optimizers
     built from student.parameters() cannot reach it. Checkpoints store .name and .weights_sha256.
   - Trainable (Table 5 #2, "unfrozen"): grads on, .parameters() go to the optimizer. It stays in eval
     mode even then: released CLIPs have no dropout (attention_dropout=0) and no batch norm, so train
     mode would change nothing there, and for a config with dropout eval keeps the targets noise-free.
-  - Text cache (opt-in, frozen only): exact string keys, LRU with a fixed number of entries.
-
-This file imports nothing from the project (the synthetic world's toy CLIP is trained by toy.py).
+This file imports nothing from the project (the synthetic world's toy CLIP: world/toy_clip.py).
 """
 
 import hashlib
@@ -79,6 +76,28 @@ def adaptive_avg_pool(x: torch.Tensor, width: int) -> torch.Tensor:
 # the teacher
 
 
+def _load(name_or_path: str, init: str) -> tuple[CLIPModel, CLIPTokenizer]:
+    """The CLIPModel (fp32 weights whatever the checkpoint stores: autocast gives bf16 speed, fp32 keeps LayerNorm and,
+    when trainable, the optimizer's updates exact) and its tokenizer; init "random": the architecture at CLIP's own
+    initialisation, the same draw for every run (seed 0), the caller's RNG left untouched."""
+    try:
+        if init == "pretrained":
+            model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
+        else:  # the control "a teacher that knows nothing"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = CLIPModel(CLIPConfig.from_pretrained(name_or_path)).float()
+        return model, CLIPTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # missing, offline, corrupt: re-raised with the name, the cause chained
+        raise OSError(
+            f"CLIPTeacher: cannot load CLIP model + tokenizer from {name_or_path!r} ({type(e).__name__}: {e}).\n"
+            "Offline, pass --teacher a local directory made where the hub is reachable, e.g.\n"
+            "  python -c \"from transformers import CLIPModel, CLIPTokenizer, CLIPImageProcessor as P; "
+            f"[c.from_pretrained('{DEFAULT_TEACHER}').save_pretrained('clip-b16') "
+            "for c in (CLIPModel, CLIPTokenizer, P)]\"\n"
+            "or fill the HF cache with `hf download <name>` and point HF_HOME at it.") from e
+
+
 class CLIPTeacher:
     """A CLIP image/text encoder that gives distillation targets; a plain object, never a submodule.
 
@@ -106,26 +125,8 @@ class CLIPTeacher:
         if trainable and text_cache_size:
             raise ValueError("CLIPTeacher: a text cache would go stale while the teacher trains; "
                              "use text_cache_size=0")
-        try:
-            # fp32 weights whatever the checkpoint stores: autocast gives bf16 speed, fp32 keeps LayerNorm
-            # and (when trainable) the optimizer's updates exact.
-            if init == "pretrained":
-                self.model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
-            else:  # the control "a teacher that knows nothing": CLIP's architecture at its initialisation, the same
-                with torch.random.fork_rng(devices=[]):  # draw for every run, and the caller's RNG left untouched
-                    torch.manual_seed(0)
-                    self.model = CLIPModel(CLIPConfig.from_pretrained(name_or_path)).float()
-            self.model = self.model.to(self.device)
-            self.tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
-        except Exception as e:  # missing, offline, corrupt: re-raised with the name, the cause chained
-            raise OSError(
-                f"CLIPTeacher: cannot load CLIP model + tokenizer from {name_or_path!r} "
-                f"({type(e).__name__}: {e}).\n"
-                "Offline, pass --teacher a local directory made where the hub is reachable, e.g.\n"
-                "  python -c \"from transformers import CLIPModel, CLIPTokenizer, CLIPImageProcessor as P; "
-                f"[c.from_pretrained('{DEFAULT_TEACHER}').save_pretrained('clip-b16') "
-                "for c in (CLIPModel, CLIPTokenizer, P)]\"\n"
-                "or fill the HF cache with `hf download <name>` and point HF_HOME at it.") from e
+        self.model, self.tokenizer = _load(name_or_path, init)
+        self.model = self.model.to(self.device)
         try:
             proc = CLIPImageProcessor.from_pretrained(name_or_path)
             clip_mean, clip_std = proc.image_mean, proc.image_std
@@ -243,7 +244,7 @@ class CLIPTeacher:
     def targets(self, rgb: torch.Tensor, texts: list[str], widths: tuple[int | None, int | None]
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Pooled ([DIE] (B,Cv), [DTE] (B,Ct)) for a location whose student widths are (Cv, Ct); rgb is the
-        student's canvas (B,3,S,S) with its normalisation undone (transforms.unnormalise), in [0,1].
+        student's canvas (B,3,S,S) with its normalisation undone (data.unnormalise), in [0,1].
 
         A width of None skips that tower and gives None: image-only or text-only distillation (Table 3
         #3, #4) then pays for one encoder only (the image tower is most of the teacher's cost).
@@ -254,45 +255,3 @@ class CLIPTeacher:
         img = None if img_width is None else adaptive_avg_pool(self.encode_image(rgb), img_width)
         txt = None if txt_width is None else adaptive_avg_pool(self.encode_text(texts), txt_width)
         return img, txt
-
-
-# -----------------------------------------------------------------------------
-# a tokenizer for CLIPs that have no OpenAI vocabulary: random-weight benchmarks and the synthetic world's teacher
-
-
-def save_word_tokenizer(directory: str | Path, words: list[str] = ()) -> CLIPTokenizer:
-    """Save a CLIP BPE tokenizer over printable ASCII whose merges spell each of `words` as one token.
-
-    Any text tokenises (unknown words fall back to characters); the words given, e.g. the synthetic world's
-    vocabulary, become single tokens, as real words mostly are in OpenAI's 49k vocabulary. Specials come last,
-    as in OpenAI's vocabulary, so <|endoftext|> has the largest id.
-    """
-    chars = [chr(c) for c in range(33, 127)]
-    merges = []
-    for word in dict.fromkeys(w.lower() for w in words if len(w) > 1):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]  # BPE's end-of-word marker rides on the last character
-        prefix = pieces[0]
-        for piece in pieces[1:]:
-            merges.append((prefix, piece))
-            prefix += piece
-    merges = list(dict.fromkeys(merges))
-    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
-    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
-    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
-    tokenizer.save_pretrained(str(directory))
-    return tokenizer
-
-
-def save_random_clip(directory: str | Path, words: list[str] = (), *, projection_dim: int = 512,
-                     vision: dict | None = None, text: dict | None = None) -> CLIPTokenizer:
-    """Save a CLIPModel with random weights (torch's global RNG) and a save_word_tokenizer tokenizer to directory,
-    like a hub model without a preprocessor config: for tests, benchmarks and the synthetic world's toy teacher,
-    where no real CLIP can be downloaded. vision / text: CLIPVisionConfig / CLIPTextConfig fields on top of
-    transformers' defaults (ViT-B/32's shape); the text tower's vocabulary and special ids come from the tokenizer."""
-    tokenizer = save_word_tokenizer(directory, words)
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config = CLIPConfig(projection_dim=projection_dim, text_config={**ids, **(text or {})},
-                        vision_config=dict(vision or {}))
-    CLIPModel(config).save_pretrained(str(directory))
-    return tokenizer

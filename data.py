@@ -1,15 +1,19 @@
-"""Referring-expression data: the five TransVG benchmarks, the synthetic world, and what each sample holds.
+"""Referring-expression data: the five benchmarks, what a sample holds, and how an image becomes the model's canvas.
+
+    ds = make_dataset(DataConfig("refcoco"), "val", tokenizer, train=False, imsize=640, max_query_len=20)
+    batch = collate([ds[0], ds[1]])
 
 Contents
-  registry     DATASETS (each --dataset: split folder, image folder, splits, box format, DETR init); DataConfig;
-               missing_inputs: the split files and image folder a run would not find, said before it starts
-  text         load_tokenizer (BERT's, by hub name or folder), make_encoder, tokenize, write_vocab, collate
-  datasets     TransVGSplits (the split files every TransVG-lineage codebase ships), ShapesWorld (shapes.py's
-               synthetic world: the laptop default and the test fixture), make_dataset, read_image
-Each sample goes through transforms.transform_sample (augmentation, letterbox) and is then tokenised.
+  registry      DATASETS (each --dataset: split folder, image folder, splits, box format, DETR init), DataConfig
+  augmentation  transform_sample: TransVG's train augmentation (scale, a crop that keeps the box, colour jitter, a flip
+                that swaps the whole words left/right, translation) or the eval letterbox; its exact inverse
+                canvas_to_original_xyxy; unnormalise (what CLIP is given); IMAGENET_MEAN / _STD, defined once
+  text          load_tokenizer (BERT's, by hub name or folder), make_encoder, tokenize, collate
+  datasets      GroundingDataset, Benchmark (a split's items, read from its annotations: annotations/), read_image,
+                make_dataset; the synthetic world (--dataset shapes) is world/dataset.py's, reached only when asked for
 
-References: TransVG (github.com/djiajunustc/TransVG @ c862427) datasets/data_loader.py, re-written from a written
-description of it (no code copied).
+References: TransVG (github.com/djiajunustc/TransVG @ c862427) datasets/data_loader.py and transforms.py, re-written
+from a written description of them (no code copied).
 
 Sample schema: every dataset's __getitem__ returns a dict (S = imsize, L = max_query_len):
   image          float32 (3,S,S)  ImageNet-normalised canvas; 0 (= the ImageNet mean colour) on padding
@@ -25,22 +29,23 @@ Sample schema: every dataset's __getitem__ returns a dict (S = imsize, L = max_q
                                     < 0) and the flip (sx < 0), so the map stays exact for every sample.
   gt_xyxy        float32 (4,)     the annotation in original-image pixels (after TransVG's int truncation)
   index          int64   ()       position of the sample in its dataset
-Box convention (transforms.py): pixel edges, x in [0, W]; pixel i covers [i, i+1).
+Box convention: pixel edges, x in [0, W]; pixel i covers [i, i+1); a flip maps x to W - x (TransVG's).
 """
 
-import functools
 import math
 import os
-import warnings
+import re
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as F
+from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.ops import box_convert
 
-import shapes
-from flags import UsageError, check_fields
-from transforms import transform_sample
+from annotations import transvg_splits
+from annotations.transvg_splits import has_word  # noqa: F401 (data.has_word: the rule evaluate.py's --text follows)
+from machinery.flags import UsageError, check_fields
 
 # -----------------------------------------------------------------------------
 # registry
@@ -70,39 +75,22 @@ DATASETS = {
                            "ReferItGame (SAIAPR TC-12) images", "referit"),
     "flickr30k": DatasetInfo("flickr", "Flickr30k/flickr30k_images", _TVT, _VT, "xyxy", 20,
                              "Flickr30k images", "referit"),  # TransVG issue #16: Flickr starts from ReferIt's
-    "shapes": DatasetInfo("", "", _TVT, _VT, "xyxy", 20, "nothing: it is generated", ""),
+    "shapes": DatasetInfo("", "", _TVT, _VT, "xyxy", 20, "nothing: it is generated", ""),  # world/dataset.py
 }
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "shapes"  # refcoco, refcoco+, refcocog, refcocog_google, referit, flickr30k, shapes (synthetic)
+    dataset: str = "shapes"  # a benchmark, or shapes: the synthetic world (its own flags: world/recipe.py)
     split_root: str = "data"  # TransVG split files: <split_root>/<unc|unc+|gref|gref_umd|referit|flickr>/
     data_root: str = "ln_data"  # images in TransVG's ln_data/ layout
     drop_invalid: bool = False  # skip split-file entries with an empty expression or a zero-area box (warns)
-    shapes_train_size: int = 0  # shapes: generated training scenes (0 = shapes.py's default)
-    shapes_eval_size: int = 0  # shapes: scenes per val/test split (0 = shapes.py's default)
-    shapes_image_size: int = 128  # shapes: long side of the generated images, pixels
-    shapes_rare_keep: float = shapes.RARE_KEEP  # shapes: how often the train split may say a rare word (1 = as val)
     blind_text: bool = False  # the text-blind baseline: every expression becomes "" after the transform
-    toy_teacher_steps: int = 600  # shapes: training steps of the toy CLIP, built on first use (world.py, toy.py)
-    toy_detr_steps: int = 600  # shapes: training steps of the toy DETR (QRNet: the toy Swin), built on first use
+
+    CHOICES = {"dataset": tuple(DATASETS)}
 
     def __post_init__(self) -> None:
-        check_fields(self, [("dataset", self.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),
-                            *[(k, getattr(self, k) >= 0, ">= 0") for k in (
-                                "shapes_train_size", "shapes_eval_size", "toy_teacher_steps", "toy_detr_steps")],
-                            ("shapes_image_size", self.shapes_image_size >= 32, ">= 32 pixels"),
-                            ("shapes_rare_keep", 0 <= self.shapes_rare_keep <= 1, "in [0, 1]")])
-
-    def shapes_size(self, split: str) -> int:
-        """Scenes in the synthetic world's `split`: --shapes_train_size for train, --shapes_eval_size for any other,
-        shapes.SPLITS's size where the flag is 0."""
-        return (self.shapes_train_size if split == "train" else self.shapes_eval_size) or shapes.SPLITS[split][1]
-
-
-GET_SPLITS = ("Download the TransVG split indices (data.tar, linked from TransVG's GETTING_STARTED.md; QRNet and "
-              "CLIP-VG ship the same files) and extract them")
+        check_fields(self)
 
 
 def split_paths(name: str, split: str, split_root: str) -> list[str]:
@@ -112,30 +100,163 @@ def split_paths(name: str, split: str, split_root: str) -> list[str]:
     return [os.path.join(split_root, folder, f"{folder}_{p}.pth") for p in parts]
 
 
-def missing_inputs(cfg: DataConfig, splits) -> list[str]:
-    """What a run on these splits of cfg.dataset would not find, each with the flag that says where and what to
-    do (the README's download steps): split files, then the image folder. Reads nothing, except, when the image
-    folder is missing, the first split file's first entry (split files may name images by absolute paths)."""
-    if cfg.dataset == "shapes":
-        return []
-    info = DATASETS[cfg.dataset]
-    paths = list(dict.fromkeys(p for split in splits for p in split_paths(cfg.dataset, split, cfg.split_root)))
-    found, problems = [p for p in paths if os.path.isfile(p)], []
-    if len(found) < len(paths):
-        problems.append(f"--split_root {cfg.split_root}: {', '.join(p for p in paths if p not in found)} not found. "
-                        f"{GET_SPLITS} into {cfg.split_root}/ (so that "
-                        f"{os.path.join(cfg.split_root, info.folder)}/ exists), or pass --split_root")
-    image_dir = os.path.join(cfg.data_root, info.image_dir)
-    if not os.path.isdir(image_dir):
-        try:
-            first = _read_split_file(found[0])[0][0] if found else ""
-        except (UsageError, IndexError, TypeError, KeyError):  # a broken file: its own error comes when it is read
-            first = ""
-        if not os.path.isabs(str(first)):
-            problems.append(f"--data_root {cfg.data_root}: image folder {image_dir} not found: put the "
-                            f"{info.images_from} there, or pass --data_root")
-    return problems
+def check_split(name: str, split: str, flag: str = "--split") -> None:
+    """A split the dataset has, or a UsageError naming the flag that asked for it and the valid ones."""
+    if split not in DATASETS[name].splits:
+        raise UsageError(f"{flag} {split}: {name} has no such split; valid: {', '.join(DATASETS[name].splits)}")
 
+
+# -----------------------------------------------------------------------------
+# augmentation: image, box and text together (randomness from torch's global RNG; train.py seeds it per sample)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+_GREY = torch.tensor([0.299, 0.587, 0.114])  # PIL's RGB -> "L" weights
+
+# Whole words only (TransVG replaces substrings: "bright" -> "bleft", and "laptop" counts as "top"), in the forms
+# RefCOCO's writers use: a prefix (topleft, upperright, farleft) and a suffix (leftmost, leftside, lefthand,
+# rightward, leftest); "left-most", "far-left" and "left side" split into words, so they match too.
+_PREFIX, _SUFFIX = r"(?:top|bottom|upper|lower|far|middle|center|centre)?", r"(?:most|side|hand|wards?|est)?"
+_LEFT_RIGHT = re.compile(rf"\b({_PREFIX})(left|right)({_SUFFIX})\b")
+# TransVG's five words (and their forms above), centre, upper/lower, above/below: a crop can cut out what they
+# point at, or change which object they pick.
+_SPATIAL = re.compile(rf"\b{_PREFIX}(?:left|right|top|bottom|middle|center|centre|upper|lower){_SUFFIX}\b|"
+                      r"\b(?:above|below)\b")
+
+
+def swap_left_right(text: str) -> str:
+    """Swap the whole words left <-> right, in all their forms (leftmost, leftside, topleft, ...): the text side
+    of a flip."""
+    return _LEFT_RIGHT.sub(lambda m: m[1] + ("right" if m[2] == "left" else "left") + m[3], text)
+
+
+def has_spatial_word(text: str) -> bool:
+    """True if a crop could make the expression wrong (position words, matched as whole words)."""
+    return _SPATIAL.search(text) is not None
+
+
+# TransVG's train sizes are for a 640 canvas; other canvases scale them by imsize / 640.
+_LONG_SIDES, _SHORT_SIDES, _CROP_SIDES = range(448, 641, 32), (400, 500, 600), (384, 600)
+
+
+def _randint(lo: int, hi: int) -> int:
+    """Uniform in [lo, hi]; torch's RNG, so every DataLoader worker draws differently."""
+    return int(torch.randint(lo, hi + 1, ()))
+
+
+def _resize_side(img, box, affine, side: int, long_side: bool = True):
+    """Resize image (3,H,W) and box so that the long (or short) side is `side`, keeping the aspect ratio
+    (TransVG's round()); affine (sx, sy, ox, oy) follows the pixels, per axis."""
+    h, w = img.shape[-2:]
+    r = side / (max(h, w) if long_side else min(h, w))
+    nh, nw = round(h * r), round(w * r)
+    rx, ry = nw / w, nh / h  # per axis: TransVG scales the box by r, which is off by the rounding
+    affine = (affine[0] * rx, affine[1] * ry, affine[2] * rx, affine[3] * ry)
+    # antialias=True is what PIL's bilinear (TransVG's) does when shrinking.
+    return F.resize(img, [nh, nw], antialias=True), F.resize(box, [nh, nw]), affine
+
+
+def _crop_keeping_box(img, box, affine, lo: int, hi: int):
+    """Random crop with sides in [lo, hi] that contains the whole box; no crop if none can.
+
+    Hand-written: TransVG's check is axis-swapped and can cut the target out entirely. Here the size is
+    drawn among the sizes that fit the box, then the offset among those that keep it inside."""
+    h, w = img.shape[-2:]
+    x1, y1, x2, y2 = box[0].tolist()
+    eps = 1e-4  # float noise from the resizes, not a pixel
+    left, top = math.floor(x1 + eps), math.floor(y1 + eps)
+    right, bottom = math.ceil(x2 - eps), math.ceil(y2 - eps)
+    if left < 0 or top < 0 or right > w or bottom > h:  # a (bad) annotation poking out of the image
+        return img, box, affine
+    if max(lo, right - left) > min(w, hi) or max(lo, bottom - top) > min(h, hi):  # no allowed crop holds it
+        return img, box, affine
+    cw, ch = _randint(max(lo, right - left), min(w, hi)), _randint(max(lo, bottom - top), min(h, hi))
+    j, i = _randint(max(0, right - cw), min(left, w - cw)), _randint(max(0, bottom - ch), min(top, h - ch))
+    affine = (affine[0], affine[1], affine[2] - j, affine[3] - i)
+    return F.crop(img, i, j, ch, cw), F.crop(box, i, j, ch, cw), affine
+
+
+def _color_jitter_(x: torch.Tensor) -> None:
+    """TransVG's ColorJitter(0.4, 0.4, 0.4), in place on x (3,h,w) float in [0,255]: brightness, contrast,
+    saturation in random order, each a blend with black / the mean grey / the grey image by a factor in
+    [0.6, 1.4], then clipped (PIL ImageEnhance's maths). Hand-written, in place on the canvas view: v2.ColorJitter
+    allocates a new image per step, several times slower (docs/transvg.md has the data pipeline's benchmark)."""
+    for op in torch.randperm(3).tolist():
+        f = 0.6 + 0.8 * float(torch.rand(()))
+        if op == 0:
+            x.mul_(f)
+        elif op == 1:
+            x.mul_(f).add_((1 - f) * float(_GREY @ x.mean((1, 2))))  # mean of the grey image
+        else:
+            r, g, b = x.unbind(0)
+            grey = (r * _GREY[0]).add_(g, alpha=_GREY[1]).add_(b, alpha=_GREY[2])  # (h,w); one temporary
+            x.mul_(f).add_(grey.mul_(1 - f))
+        x.clamp_(0, 255)
+
+
+def _normalise_into_canvas(img: torch.Tensor, imsize: int, top: int, left: int, jitter: bool = False):
+    """Paste uint8 image (3,h,w) at (top, left) on a zero canvas (3,S,S), jittered if asked, ImageNet-
+    normalised; and img_is_pad (S,S). Hand-written because it is the hot loop: in place on the canvas view,
+    where v2.ToDtype + v2.Normalize + v2.Pad each allocate an image."""
+    h, w = img.shape[-2:]
+    canvas = torch.zeros(3, imsize, imsize)
+    view = canvas[:, top:top + h, left:left + w]
+    view.copy_(img)  # uint8 -> float in [0, 255]
+    if jitter and torch.rand(()) < 0.8:
+        _color_jitter_(view)
+    view.mul_(1 / (255 * IMAGENET_STD)).sub_(IMAGENET_MEAN / IMAGENET_STD)  # (x / 255 - mean) / std
+    img_is_pad = torch.ones(imsize, imsize, dtype=torch.bool)
+    img_is_pad[top:top + h, left:left + w] = False
+    return canvas, img_is_pad
+
+
+def transform_sample(image: torch.Tensor, gt_xyxy: torch.Tensor, text: str, *, train: bool,
+                     imsize: int) -> dict:
+    """uint8 image (3,H,W), box (4,) xyxy original pixels, lower-cased text -> the sample minus tokens. Train: TransVG's
+    --aug_crop --aug_scale --aug_translate (blur off, as in its commands); eval: long side to imsize, centred."""
+    orig_h, orig_w = image.shape[-2:]
+    # clamping_mode=None: TransVG does not clip boxes to the image; the odd annotation that pokes out stays
+    box = tv_tensors.BoundingBoxes(gt_xyxy.view(1, 4), format="XYXY", canvas_size=(orig_h, orig_w),
+                                   clamping_mode=None)
+    affine = (1.0, 1.0, 0.0, 0.0)  # (sx, sy, ox, oy): current pixels = original * s + o
+    if not train:
+        image, box, affine = _resize_side(image, box, affine, imsize)
+        h, w = image.shape[-2:]
+        top, left = (imsize - h) // 2, (imsize - w) // 2  # = TransVG's round((S - h) / 2 - 0.1)
+    else:
+        k = imsize / 640
+        if not has_spatial_word(text) and torch.rand(()) < 0.5:  # crop branch; never for spatial words
+            short = round(k * _SHORT_SIDES[_randint(0, 2)])
+            image, box, affine = _resize_side(image, box, affine, short, long_side=False)
+            lo, hi = (round(k * c) for c in _CROP_SIDES)
+            image, box, affine = _crop_keeping_box(image, box, affine, lo, hi)
+        long = round(k * _LONG_SIDES[_randint(0, len(_LONG_SIDES) - 1)])
+        image, box, affine = _resize_side(image, box, affine, long)
+        h, w = image.shape[-2:]
+        if torch.rand(()) < 0.5:  # flip; before the colour jitter (they commute), on the cheaper uint8
+            image, box, text = F.horizontal_flip(image), F.horizontal_flip(box), swap_left_right(text)
+            affine = (-affine[0], affine[1], w - affine[2], affine[3])
+        top, left = _randint(0, imsize - h), _randint(0, imsize - w)  # translate augmentation
+    canvas, img_is_pad = _normalise_into_canvas(image, imsize, top, left, jitter=train)
+    shift = torch.tensor([left, top, left, top], dtype=torch.float32)
+    target = box_convert(box.as_subclass(torch.Tensor)[0] + shift, "xyxy", "cxcywh") / imsize
+    return {"image": canvas, "img_is_pad": img_is_pad, "target": target, "text": text,
+            "orig_size": torch.tensor([orig_h, orig_w]), "scale": torch.tensor(affine[:2], dtype=torch.float32),
+            "pad_offset": torch.tensor([affine[2] + left, affine[3] + top], dtype=torch.float32), "gt_xyxy": gt_xyxy.float()}
+
+
+def canvas_to_original_xyxy(boxes_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor,
+                            pad_offset: torch.Tensor) -> torch.Tensor:
+    """(B,4) normalised canvas cxcywh -> (B,4) xyxy original-image pixels, with the samples' (B,2) scale and pad_offset:
+    the one inverse of transform_sample (evaluate.py uses it)."""
+    corners = box_convert(boxes_cxcywh.float() * imsize, "cxcywh", "xyxy").view(-1, 2, 2)  # (B, corner, xy)
+    corners = (corners - pad_offset[:, None].float()) / scale[:, None].float()
+    return torch.cat([corners.amin(1), corners.amax(1)], dim=1)  # a flip (sx < 0) swaps x1 and x2
+
+
+def unnormalise(images: torch.Tensor) -> torch.Tensor:
+    """(B,3,S,S) ImageNet-normalised canvases -> RGB in [0,1] (padding: the ImageNet mean colour), e.g. for CLIP."""
+    return images * IMAGENET_STD.to(images.device) + IMAGENET_MEAN.to(images.device)
 
 # -----------------------------------------------------------------------------
 # text
@@ -157,14 +278,14 @@ def load_tokenizer(name_or_path: str):
     # hub name it cannot fetch, which would silently map every word to [UNK].
     if len(tok) <= len(tok.all_special_tokens):
         raise UsageError(f"BERT tokenizer {name_or_path!r} came back without a vocabulary (hub offline or "
-                      "not cached?): pass a local folder that holds its vocab.txt")
+                         "not cached?): pass a local folder that holds its vocab.txt")
     return tok
 
 
 def make_encoder(tokenizer, max_query_len: int):
     """A private copy of the tokenizer's `tokenizers` backend that adds [CLS]/[SEP], truncates and pads
     to max_query_len. Calling it directly skips transformers' per-call Python, which costs more than the
-    encoding itself (~0.2 ms a sample, a tenth of the eval pipeline); same ids (tests check)."""
+    encoding itself; the same ids (tests check)."""
     from tokenizers import Tokenizer
 
     if not hasattr(tokenizer, "backend_tokenizer"):
@@ -181,21 +302,16 @@ def tokenize(encoder, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(enc.ids), torch.tensor(enc.attention_mask)
 
 
-def write_vocab(directory: str, words) -> str:
-    """Write a word-level BERT vocab.txt ([PAD] = 0, then [UNK] [CLS] [SEP] [MASK], then words) into directory,
-    so that load_tokenizer(directory) works offline; returns its path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "vocab.txt")
-    with open(path + ".partial", "w") as f:  # moved into place whole: a killed write leaves no short vocabulary
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    os.replace(path + ".partial", path)
-    return path
-
-
 def collate(samples: list[dict]) -> dict:
-    """Stack each tensor field to (B, ...); "text" becomes a list of B strings."""
-    return {k: [s[k] for s in samples] if k == "text" else torch.stack([s[k] for s in samples])
-            for k in samples[0]}
+    """A batch of samples: each tensor field stacked to (B, ...), "text" a list of B strings; a tuple field (a cached
+    visual branch's outputs, a teacher's targets) stacked element by element, None kept as None."""
+    def stack(values: list):
+        if values[0] is None:
+            return None
+        if isinstance(values[0], tuple):
+            return tuple(stack(list(v)) for v in zip(*values))
+        return torch.stack(values) if torch.is_tensor(values[0]) else values
+    return {k: stack([s[k] for s in samples]) for k in samples[0]}
 
 
 # -----------------------------------------------------------------------------
@@ -231,79 +347,18 @@ class GroundingDataset(torch.utils.data.Dataset):
         return sample
 
 
-def _read_split_file(path: str) -> list:
-    """A TransVG split file: a list of tuples, read without unpickling anything but plain data."""
-    try:
-        entries = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or OSError depending on the damage
-        raise UsageError(f"cannot read split file {path}: {type(e).__name__}: {e}\n(split files are plain "
-                         "lists of tuples; anything more is refused, never unpickled unrestricted)") from e
-    if not isinstance(entries, list):
-        raise UsageError(f"split file {path} holds a {type(entries).__name__}, expected a list of tuples")
-    return entries
-
-
-def _parse_entry(entry, box_format: str, flickr: bool) -> tuple[str, list[int], str]:
-    """(img_file, _, box, phrase, _), flickr's (img_file, box, phrase) -> (img_file, int xyxy, phrase)."""
-    if not isinstance(entry, (tuple, list)) or len(entry) != (3 if flickr else 5):
-        raise ValueError("expected a 3-tuple (img_file, box, phrase)" if flickr else
-                         "expected a 5-tuple (img_file, _, box, phrase, _)")
-    img_file, box, text = entry if flickr else (entry[0], entry[2], entry[3])
-    if not isinstance(img_file, str) or not isinstance(text, str):
-        raise ValueError("img_file and phrase must be strings")
-    if not (isinstance(box, (list, tuple)) and len(box) == 4 and
-            all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
-        raise ValueError(f"box must be 4 finite numbers, got {box!r}")
-    # int() truncates like TransVG's np.array(bbox, dtype=int), before the xywh -> xyxy conversion, so
-    # targets and accuracy match the published numbers.
-    x1, y1, a, b = (int(v) for v in box)
-    xyxy = [x1, y1, x1 + a, y1 + b] if box_format == "xywh" else [x1, y1, a, b]
-    if xyxy[2] <= xyxy[0] or xyxy[3] <= xyxy[1]:
-        raise ValueError(f"zero-area box {xyxy} (xyxy after int truncation of {box!r})")
-    if not has_word(text):
-        raise ValueError("empty expression" if not text.strip() else "expression without a word (no letter or digit)")
-    return img_file, xyxy, text
-
-
-def has_word(text: str) -> bool:
-    """False for an expression a tokenizer turns into nothing (or [UNK]s): empty, emoji or punctuation only."""
-    return any(ch.isalnum() for ch in text)
-
-
-class TransVGSplits(GroundingDataset):
-    """One benchmark split, read from the split files TransVG, QRNet, CLIP-VG and HiVG all use.
-
-    Invalid entries (malformed tuple, zero-area box, empty expression) are an error listing them;
-    drop_invalid=True skips them instead, with a warning that says how many."""
+class Benchmark(GroundingDataset):
+    """One split of a benchmark: the (image file, int xyxy box, expression) items its annotations hold (annotations/,
+    where invalid entries are refused or, with drop_invalid, skipped and counted), each image under data_root's
+    folder for the dataset. Missing files are said before a run starts (machinery/preflight.missing_inputs)."""
 
     def __init__(self, name: str, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int,
                  split_root: str, data_root: str, drop_invalid: bool = False):
         super().__init__(name, split, tokenizer, train=train, imsize=imsize, max_query_len=max_query_len)
         info = DATASETS[name]
-        paths = split_paths(name, split, split_root)
-        for path in paths:
-            if not os.path.isfile(path):
-                raise UsageError(f"{name}: split file {path} not found. {GET_SPLITS} so that "
-                                 f"{os.path.dirname(path)}/ exists, or pass --split_root")
         self.image_dir = os.path.join(data_root, info.image_dir)
-        self.items, bad = [], []
-        for path in paths:
-            for k, entry in enumerate(_read_split_file(path)):
-                try:
-                    self.items.append(_parse_entry(entry, info.box_format, flickr=name == "flickr30k"))
-                except ValueError as e:
-                    bad.append(f"{path} entry {k}: {e}: {repr(entry)[:200]}")
-        if bad and not drop_invalid:
-            raise UsageError(f"{len(bad)} invalid entries (--drop_invalid skips them):\n" + "\n".join(bad[:5]))
-        if bad:
-            warnings.warn(f"{name} {split}: skipped {len(bad)} invalid entries; first {bad[0]}", stacklevel=3)
-        self.skipped = len(bad)  # reported beside the accuracy: it is over the entries that remain
-        if not self.items:
-            raise UsageError(f"{name} {split}: no usable entries in {', '.join(paths)}" +
-                             (f" ({len(bad)} invalid, skipped)" if bad else " (the split file is empty)"))
-        if not os.path.isabs(self.items[0][0]) and not os.path.isdir(self.image_dir):
-            raise UsageError(f"{name}: image folder {self.image_dir} not found: put the {info.images_from} there, "
-                             f"or pass --data_root")
+        self.items, self.skipped = transvg_splits.read_items(
+            split_paths(name, split, split_root), info.box_format, name == "flickr30k", drop_invalid, f"{name} {split}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -330,76 +385,19 @@ def read_image(path: str, where: str = "") -> torch.Tensor:
     return image
 
 
-# -----------------------------------------------------------------------------
-# the synthetic world (shapes.py) as a dataset
-
-def write_shapes_vocab(directory: str) -> str:
-    """Write a BERT vocab.txt with every word the synthetic world says; returns its path."""
-    return write_vocab(directory, shapes.WORDS)
-
-
-class ShapesWorld(GroundingDataset):
-    """shapes.py's synthetic referring-expression world as a dataset: sample i of a split is
-    shapes.scene(seed, split, i, image_size), drawn and put through the same transforms as a real image. Its
-    slices: expressions with a word that the grounding data say rarely (shapes.RARE_WORDS), and the others."""
-
-    slices = ("frequent", "rare")
-
-    def __init__(self, split: str, tokenizer, *, train: bool, imsize: int, max_query_len: int, seed: int = 0,
-                 size: int | None = None, image_size: int = 128, rare_keep: float = shapes.RARE_KEEP):
-        super().__init__("shapes", split, tokenizer, train=train, imsize=imsize, max_query_len=max_query_len)
-        self.seed, self.image_size, self.rare_keep = seed, image_size, rare_keep
-        self.size = shapes.SPLITS[split][1] if size is None else size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def scene(self, i: int) -> dict:
-        if not 0 <= i < self.size:
-            raise IndexError(f"shapes {self.split}: index {i} outside [0, {self.size})")
-        return shapes.scene(self.seed, self.split, i, self.image_size, self.rare_keep)
-
-    def slice_of(self, i: int) -> int:
-        return int(shapes.says_rare(self.scene(i)["text"]))
-
-    def load(self, i: int):
-        sc = self.scene(i)
-        return shapes.draw(sc), torch.tensor(sc["objects"][0]["box"], dtype=torch.float32), sc["text"]
-
-    def transformed(self, i: int) -> dict:
-        if self.train or self.split == "captions":  # the toy CLIP reads each once: a cache would only hold them
-            return super().transformed(i)
-        if not 0 <= i < self.size:
-            raise IndexError(f"shapes {self.split}: index {i} outside [0, {self.size})")
-        return dict(_unaugmented(self.seed, self.split, i, self.image_size, self.imsize, self.rare_keep))  # a copy
-
-
-@functools.lru_cache(maxsize=32768)
-def _unaugmented(seed: int, split: str, i: int, image_size: int, imsize: int, rare_keep: float) -> dict:
-    """An unaugmented scene's sample never changes, so it is drawn once per process. The synthetic world's preset
-    reads its train scenes twice (the toy DETR's pretraining, train.py's token cache) and its val and test scenes at
-    every evaluation (the toy CLIP learns on scenes of the captions split instead, 38,400 of them, each once: not
-    cached, ShapesWorld.transformed): its 12,000 at 64 px keep ~0.6 GB (~53 kB each) and save ~1.7 ms a read."""
-    sc = shapes.scene(seed, split, i, image_size, rare_keep)
-    box = torch.tensor(sc["objects"][0]["box"], dtype=torch.float32)
-    return transform_sample(shapes.draw(sc), box, sc["text"].lower(), train=False, imsize=imsize)
-
-
 def make_dataset(cfg: DataConfig, split: str, tokenizer, *, train: bool, imsize: int = 640,
-                 max_query_len: int = 20) -> GroundingDataset:
+                 max_query_len: int = 20, world=None) -> GroundingDataset:
     """Split `split` of the dataset cfg.dataset (a DATASETS key), with the train transform if train, for a model
-    with an imsize canvas and max_query_len tokens (TransVG uses 40 for RefCOCOg: DATASETS[name].max_query_len)."""
+    with an imsize canvas and max_query_len tokens (TransVG uses 40 for RefCOCOg: DATASETS[name].max_query_len).
+    world: the synthetic world's settings (world.recipe.WorldConfig) for --dataset shapes (None: its defaults)."""
     name = cfg.dataset
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-    if split not in DATASETS[name].splits:
-        raise UsageError(f"{name} has no split {split!r}; valid: {', '.join(DATASETS[name].splits)}")
+    check_split(name, split)
     common = dict(train=train, imsize=imsize, max_query_len=max_query_len)
-    if name == "shapes":
-        ds = ShapesWorld(split, tokenizer, size=cfg.shapes_size(split), image_size=cfg.shapes_image_size,
-                         rare_keep=cfg.shapes_rare_keep, **common)
+    if name == "shapes":  # the synthetic world, only when it is asked for
+        from world.dataset import world_dataset
+        ds = world_dataset(world, split, tokenizer, **common)
     else:
-        ds = TransVGSplits(name, split, tokenizer, split_root=cfg.split_root, data_root=cfg.data_root,
-                           drop_invalid=cfg.drop_invalid, **common)
+        ds = Benchmark(name, split, tokenizer, split_root=cfg.split_root, data_root=cfg.data_root,
+                       drop_invalid=cfg.drop_invalid, **common)
     ds.blind_text = cfg.blind_text
     return ds

@@ -7,18 +7,12 @@
     python evaluate.py --ckpt out/shapes/best.pt --modality_gap --split val    # Figure 2, measured (gap.py)
     torchrun --nproc_per_node=8 evaluate.py --ckpt ...                # same numbers, exact counts
 
-Metric (paper sec. 4.1, TransVG's eval): a prediction is correct when its IoU with the ground truth is >= 0.5.
-IoU is computed in original-image pixels: the predicted canvas box is clamped to the canvas (as TransVG does)
-and mapped back through the eval resize and pad; the ground truth is the annotation itself.
-We also report Acc@0.75 and the mean IoU.
-
-Three layers: hit_counts/summarise are pure; evaluate(model, dataset) shards the split over ranks without padding and
-all-reduces the counts, so the numbers are exact for any world size (train.py calls the same evaluate()); main() is
-the command line.
-
+Metric (paper sec. 4.1, TransVG's eval): a prediction is correct when its IoU with the ground truth is >= 0.5, in
+original-image pixels: the predicted canvas box is clamped to the canvas (as TransVG does) and mapped back through the
+eval resize and pad. Also Acc@0.75 and the mean IoU. hit_counts/summarise are pure; evaluate(model, dataset) shards the
+split over ranks without padding and all-reduces the counts, exact for any world size (train.py calls it too).
 --modality_gap measures, instead of accuracy, how far apart the student's visual and text features lie (the paper's
-Figure 2; the measures and the picture are gap.py's): it prints the numbers per split and writes
-<checkpoint folder>/gap_<split>_<loc>.png and .json (or into --out_dir).
+Figure 2, tools/gap.py): the numbers per split, and <checkpoint folder>/gap_<split>_<loc>.png and .json.
 """
 
 import json
@@ -32,14 +26,13 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
 import data
-import gap
-import transforms
-from files import read_checkpoint, write_atomic
-from flags import UsageError, check_fields, cli, parse_config
-from interop import checkpoint_kind, load_model
 from losses import paired_iou_xyxy
-from model import GroundingModel
-from runtime import DTYPE_NAMES, DeviceEnv, amp_dtype, autocast_for, device_rule, print0, setup_device, shard_loader
+from machinery.checkpoints import read_checkpoint
+from machinery.flags import UsageError, check_fields, cli, parse_config
+from machinery.interop import checkpoint_kind, load_model
+from machinery.preflight import missing_inputs
+from machinery.runtime import DTYPE_NAMES, amp_dtype, autocast_for, device_rule, print0, setup_device, shard_loader
+from model import LOCATIONS, GroundingModel
 
 # -----------------------------------------------------------------------------
 # metrics (pure)
@@ -61,7 +54,7 @@ def summarise(counts: torch.Tensor) -> dict[str, float]:
 def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, pad_offset: torch.Tensor
                    ) -> torch.Tensor:
     """(B,4) normalised canvas boxes -> (B,4) xyxy original pixels, clamped to the canvas like TransVG's eval."""
-    boxes = transforms.canvas_to_original_xyxy(pred_cxcywh.float(), imsize, scale, pad_offset)
+    boxes = data.canvas_to_original_xyxy(pred_cxcywh.float(), imsize, scale, pad_offset)
     low = (-pad_offset / scale).repeat(1, 2)  # the canvas corners, in original pixels
     high = ((imsize - pad_offset) / scale).repeat(1, 2)
     return torch.max(torch.min(boxes, high), low)
@@ -71,27 +64,34 @@ def predicted_xyxy(pred_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor, 
 # evaluation loop
 
 
+def predictions(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 32, num_workers: int = 0,
+                dtype: str = "auto"):
+    """(batch, model's output) over this rank's share of dataset, indices rank, rank + W, ... (no padding, unlike
+    DistributedSampler), with the model in eval mode (then back as it was). Callers run it under no_grad."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        for batch in shard_loader(dataset, device, batch_size, num_workers):
+            with autocast_for(device, dtype):
+                yield batch, model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
+                                   batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 32, num_workers: int = 0,
              keep_records: bool = False, dtype: str = "auto") -> tuple[dict[str, float], list]:
-    """Accuracy of model on dataset. Each rank takes indices rank, rank + W, ... (no padding, unlike
-    DistributedSampler), and the hit counts are all-reduced, so the result is exact for any world size.
-    Returns (metrics, records); records (all ranks' when keep_records) are (index, iou, pred_xyxy) per sample.
-    A dataset with slices (data.ShapesWorld: rare and frequent words) is also scored per slice: metrics["slices"]."""
-    ddp = dist.is_initialized()
-    world = dist.get_world_size() if ddp else 1
-    device = next(model.parameters()).device
-    loader = shard_loader(dataset, device, batch_size, num_workers)
+    """Accuracy of model on dataset: each rank scores its share (predictions()) and the hit counts are all-reduced, so
+    the result is exact for any world size. Returns (metrics, records); records (all ranks' when keep_records) are
+    (index, iou, pred_xyxy) per sample. A dataset with slices (the synthetic world's rare and frequent words) is also
+    scored per slice: metrics["slices"]."""
+    ddp, device = dist.is_initialized(), next(model.parameters()).device
     raw = getattr(model, "module", model)  # under DDP, the wrapped model holds the config
     imsize = getattr(raw, "_orig_mod", raw).cfg.imsize
-    was_training = model.training
-    model.eval()
     slices = getattr(dataset, "slices", ())
     counts, records = torch.zeros(1 + len(slices), 4, dtype=torch.float64), []  # row 0: all; row 1 + s: slice s
-    for batch in loader:
-        with autocast_for(device, dtype):
-            out = model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
-                        batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    for batch, out in predictions(model, dataset, batch_size, num_workers, dtype):
         pred = predicted_xyxy(out["pred_boxes"].float().cpu(), imsize, batch["scale"], batch["pad_offset"])
         iou = paired_iou_xyxy(pred, batch["gt_xyxy"])
         counts[0] += hit_counts(iou)
@@ -101,49 +101,19 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_si
                 counts[1 + s] += hit_counts(iou[of == s])
         if keep_records:
             records += [(int(i), float(v), p.tolist()) for i, v, p in zip(batch["index"], iou, pred)]
-    model.train(was_training)
     if ddp:
         # gloo reduces CPU tensors; NCCL needs them on the GPU
         counts = counts.to(device)
         dist.all_reduce(counts)
         counts = counts.cpu()
         if keep_records:
-            gathered = [None] * world
+            gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, records)
             records = sorted(r for part in gathered for r in part)
     metrics = summarise(counts[0])
     if slices:
         metrics["slices"] = {name: summarise(counts[1 + s]) for s, name in enumerate(slices)}
     return metrics, records
-
-
-@torch.no_grad()
-def collect_features(model: GroundingModel, dataset: torch.utils.data.Dataset, loc: str, batch_size: int = 32,
-                     num_workers: int = 0, dtype: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's features at distillation location loc (model.forward's out["distill"][loc]) for every sample,
-    in dataset order: visual (N,Cv), text (N,Ct), fp32 on the CPU. Sharded like evaluate(); every rank gets all."""
-    was_training = model.training
-    model.eval()
-    cv, ct = model.distill_widths(loc)
-    # starting empty, so that a rank with no samples (a split smaller than the world) still has rows to gather
-    index, visual, text = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, cv)], [torch.zeros(0, ct)]
-    device = next(model.parameters()).device
-    for batch in shard_loader(dataset, device, batch_size, num_workers):
-        with autocast_for(device, dtype):
-            out = model(batch["image"].to(device, non_blocking=True), batch["img_is_pad"].to(device),
-                        batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        v, t = out["distill"][loc]  # (B,Cv), (B,Ct)
-        index.append(batch["index"])
-        visual.append(v.float().cpu())
-        text.append(t.float().cpu())
-    model.train(was_training)
-    parts = [(torch.cat(index), torch.cat(visual), torch.cat(text))]
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (torch.cat(index), torch.cat(visual), torch.cat(text)))
-    index, visual, text = (torch.cat(x) for x in zip(*parts))
-    order = index.argsort()
-    return visual[order], text[order]
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +175,9 @@ class EvalConfig:
     image: str = ""  # predict on this image instead of a dataset (needs --text)
     text: str = ""  # the referring expression for --image
     modality_gap: bool = False  # instead of accuracy: the gap between the student's visual and text features (Fig. 2)
-    gap_loc: str = "loc1"  # where --modality_gap reads them: loc1 (fused tokens, the distilled ones), loc2 .. loc4
+    gap_loc: str = "loc1"  # where --modality_gap reads them (model.LOCATIONS): loc1 = the fused tokens, the distilled
+
+    CHOICES = {"dtype": DTYPE_NAMES, "gap_loc": tuple(LOCATIONS)}
 
     def __post_init__(self) -> None:  # refused before the checkpoint is read, not after a whole evaluation
         check_fields(self, [
@@ -213,9 +185,7 @@ class EvalConfig:
             ("text", not self.text or data.has_word(self.text), "an expression with a word in it"),
             ("dataset", not self.dataset or self.dataset in data.DATASETS, f"one of {', '.join(data.DATASETS)}"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("num_workers", self.num_workers >= 0, ">= 0"),
-            ("dtype", self.dtype in DTYPE_NAMES, "auto, float32, bfloat16 or float16"), device_rule(self.device),
-            ("vis", self.vis >= 0, ">= 0"),
-            ("gap_loc", self.gap_loc in ("loc1", "loc2", "loc3", "loc4"), "loc1, loc2, loc3 or loc4"),
+            device_rule(self.device), ("vis", self.vis >= 0, ">= 0"),
             ("modality_gap", not (self.modality_gap and (self.image or self.vis)),
              "no --image or --vis with it (they belong to the accuracy table)"),
             ("json", not self.json or os.access(os.path.dirname(os.path.abspath(self.json)), os.W_OK),
@@ -229,45 +199,6 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
         print0(f"{split:<10} {m['n']:>7} {m['acc@0.5']:>8.2f} {m['acc@0.75']:>9.2f} {m['miou']:>7.3f}{skipped}")
         for name, s in m.get("slices", {}).items():
             print0(f"{'  ' + name:<10} {s['n']:>7} {s['acc@0.5']:>8.2f} {s['acc@0.75']:>9.2f} {s['miou']:>7.3f}")
-
-
-GAP_LEGEND = "\n".join([  # printed under the table
-    "  centroid gap: distance between the mean unit-length visual and text features (0 = one centre, 2 = opposite)",
-    "  matched cos: mean cosine of each sample's own (visual, text) pair; mismatched cos: of other samples' pairs",
-    "  probe %: held-out accuracy of a linear classifier telling visual from text (50 = overlap, 100 = separable)"])
-
-
-def print_gap_table(results: dict[str, dict[str, float]], loc: str) -> None:
-    print0(f"modality gap between the student's visual and text features at {loc}")
-    print0(f"{'split':<10} {'n':>7} {'centroid gap':>13} {'matched cos':>12} {'mismatched cos':>15} {'probe %':>8}")
-    for split, m in results.items():
-        print0(f"{split:<10} {m['n']:>7} {m['centroid_gap']:>13.4f} {m['matched_cos']:>12.4f} "
-               f"{m['mismatched_cos']:>15.4f} {m['probe_acc']:>8.2f}")
-    print0(GAP_LEGEND)
-
-
-def measure_gap(model: GroundingModel, dataset: data.GroundingDataset, env: DeviceEnv, cfg: EvalConfig, folder: str
-                ) -> dict[str, float]:
-    """gap.gap_measures of the student's features at cfg.gap_loc over dataset; the master writes
-    folder/gap_<split>_<loc>.png (one PCA of both modalities) and .json ({ckpt, dataset, split, loc, measures})."""
-    split = dataset.split
-    visual, text = collect_features(model, dataset, cfg.gap_loc, cfg.batch_size, cfg.num_workers,
-                                    cfg.dtype)
-    m = gap.gap_measures(visual, text)
-    if env.is_master:
-        stem = os.path.join(folder, f"gap_{split}_{cfg.gap_loc}")
-        caption = (f"{split} {cfg.gap_loc}: gap {m['centroid_gap']:.2f}  cos {m['matched_cos']:.2f}/"
-                   f"{m['mismatched_cos']:.2f}  probe {m['probe_acc']:.0f}%  n {m['n']}")
-        write_atomic(stem + ".png", lambda tmp: write_png(gap.gap_picture(visual, text, caption), tmp))
-        saved = {"ckpt": cfg.ckpt, "dataset": dataset.name, "split": split, "loc": cfg.gap_loc, "measures": m}
-
-        def write_json(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(saved, f, indent=1)
-
-        write_atomic(stem + ".json", write_json)
-        print0(f"{split}: {stem}.png (PCA of both; visual blue, text orange) and {stem}.json")
-    return m
 
 
 def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
@@ -285,14 +216,12 @@ def run_data_config(ckpt: dict, cfg: EvalConfig) -> data.DataConfig:
 
 @torch.no_grad()
 def predict_image(model: GroundingModel, tokenizer, path: str, text: str, out_dir: str, dtype: str = "auto") -> dict:
-    """Box (x1, y1, x2, y2) in the image's pixels for one expression, and a PNG of it."""
-    if not data.has_word(text):
-        raise UsageError(f"--text {text!r} has no word in it: give the referring expression, e.g. --text 'the man "
-                         f"on the left'")
+    """Box (x1, y1, x2, y2) in the image's pixels for one expression (EvalConfig has checked it has a word), and a PNG
+    of it."""
     image = data.read_image(path)
     H, W = image.shape[1:]
     # no ground truth here: the whole image stands in for the box the transform carries along
-    sample = transforms.transform_sample(image, torch.tensor([0.0, 0.0, W, H]), text.lower(), train=False,
+    sample = data.transform_sample(image, torch.tensor([0.0, 0.0, W, H]), text.lower(), train=False,
                                    imsize=model.cfg.imsize)
     ids, mask = data.tokenize(data.make_encoder(tokenizer, model.cfg.max_query_len), sample["text"])
     if (ids[mask.bool()] == tokenizer.unk_token_id).sum() == mask.sum() - 2:  # [CLS] and [SEP] around nothing known
@@ -312,72 +241,72 @@ def predict_image(model: GroundingModel, tokenizer, path: str, text: str, out_di
     return {"box_xyxy": box.tolist(), "picture": png}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg, = parse_config(argv, [EvalConfig], description=__doc__)
+def check_request(cfg: EvalConfig) -> tuple[dict, data.DataConfig | None]:
+    """What evaluate.py is asked, refused before the model is built: (the checkpoint's contents, the data settings to
+    evaluate on; None for --image)."""
     if not cfg.ckpt:
         raise UsageError("--ckpt: give a checkpoint of train.py or an official TransVG or QRNet one")
     ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
     if checkpoint_kind(ckpt) not in ("ours", "qrnet", "transvg"):
         raise UsageError(f"--ckpt {cfg.ckpt}: neither a checkpoint of train.py (no 'model_config') nor an official "
                          f"TransVG or QRNet one (no 'model' dict with vl_pos_embed.weight)")
-    if cfg.image and not os.path.isfile(cfg.image):
-        raise UsageError(f"--image {cfg.image}: no such file")
-    dcfg = None if cfg.image else run_data_config(ckpt, cfg)
-    if dcfg is not None:  # every file the evaluation reads, before the model is built
-        splits = data.DATASETS[dcfg.dataset].eval_splits
-        if cfg.split and cfg.split not in data.DATASETS[dcfg.dataset].splits:
-            raise UsageError(f"--split {cfg.split}: {dcfg.dataset} has no such split; valid: "
-                             f"{', '.join(data.DATASETS[dcfg.dataset].splits)}")
-        missing = data.missing_inputs(dcfg, [cfg.split] if cfg.split else splits)
-        if missing:
-            raise UsageError("\n".join(missing))
+    if cfg.image:
+        if not os.path.isfile(cfg.image):
+            raise UsageError(f"--image {cfg.image}: no such file")
+        return ckpt, None
+    dcfg = run_data_config(ckpt, cfg)
+    if cfg.split:
+        data.check_split(dcfg.dataset, cfg.split)
+    missing = missing_inputs(dcfg, [cfg.split] if cfg.split else data.DATASETS[dcfg.dataset].eval_splits)
+    if missing:  # every file the evaluation reads
+        raise UsageError("\n".join(missing))
+    return ckpt, dcfg
+
+
+def checked_tokenizer(cfg: EvalConfig, model: GroundingModel):
+    """--tokenizer, or the one the model was trained with; one with ids past BERT's embedding table is refused."""
+    tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
+    words = model.text_encoder.config.vocab_size
+    if len(tokenizer) > words:  # its ids past the embedding table would fail deep inside BERT
+        raise UsageError(f"--tokenizer {cfg.tokenizer or model.cfg.text_encoder}: it has {len(tokenizer)} tokens "
+                         f"but the checkpoint's text encoder embeds {words}: pass the --tokenizer it was trained with")
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, = parse_config(argv, [EvalConfig], description=__doc__)
+    ckpt, dcfg = check_request(cfg)
     env = setup_device(cfg.device)
     try:
         amp_dtype(env.device, cfg.dtype)  # --dtype bfloat16 on a CPU: refused here, not at the first batch
         model = load_model(cfg.ckpt, env.device, ckpt=ckpt)
-        tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
-        words = model.text_encoder.config.vocab_size
-        if len(tokenizer) > words:  # its ids past the embedding table would fail deep inside BERT
-            raise UsageError(f"--tokenizer {cfg.tokenizer or model.cfg.text_encoder}: it has {len(tokenizer)} tokens "
-                             f"but the checkpoint's text encoder embeds {words}: pass the --tokenizer it was trained "
-                             f"with")
+        tokenizer = checked_tokenizer(cfg, model)
         out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "vis")
         if cfg.image:
             return predict_image(model, tokenizer, cfg.image, cfg.text, out_dir, cfg.dtype)
-        name = dcfg.dataset
-        if cfg.modality_gap:  # refused before the split is read, not after the model has run over it
-            cv, ct = model.distill_widths(cfg.gap_loc)
-            if cv != ct:
-                raise UsageError(f"--gap_loc {cfg.gap_loc}: this checkpoint's visual features there are "
-                                 f"{cv} wide and its text features {ct}, two different spaces with no gap to measure "
-                                 f"between them; use --gap_loc loc1 (the fused tokens, the distilled ones) or loc2")
-            gap_folder = cfg.out_dir or os.path.dirname(os.path.abspath(cfg.ckpt))
-            os.makedirs(gap_folder, exist_ok=True)
-            if not os.access(gap_folder, os.W_OK):
-                raise UsageError(f"--modality_gap writes into {gap_folder}, which you cannot write "
-                                 f"to: pass --out_dir")
-        results = {}
-        for split in [cfg.split] if cfg.split else data.DATASETS[name].eval_splits:
-            dataset = data.make_dataset(dcfg, split, tokenizer, train=False, imsize=model.cfg.imsize,
-                                        max_query_len=model.cfg.max_query_len)
-            if cfg.modality_gap:
-                results[split] = measure_gap(model, dataset, env, cfg, gap_folder)
-                continue
-            results[split], records = evaluate(model, dataset, cfg.batch_size, cfg.num_workers,
-                                               keep_records=cfg.vis > 0, dtype=cfg.dtype)
-            results[split]["skipped"] = dataset.skipped
-            if cfg.vis and env.is_master:
-                paths = save_pictures(dataset, records, out_dir, cfg.vis, cfg.worst, f"{name}_{split}")
-                print0(f"{split}: {len(paths)} pictures in {out_dir}")
-        print0(f"{name}, {cfg.ckpt}")
-        if cfg.modality_gap:
-            print_gap_table(results, cfg.gap_loc)
+        splits = [cfg.split] if cfg.split else data.DATASETS[dcfg.dataset].eval_splits
+        datasets = (data.make_dataset(dcfg, split, tokenizer, train=False, imsize=model.cfg.imsize,
+                                      max_query_len=model.cfg.max_query_len, world=ckpt.get("world_config"))
+                    for split in splits)  # one at a time, as each is scored
+        if cfg.modality_gap:  # the paper's Figure 2, measured instead of the accuracy
+            from tools import gap
+            results = gap.measure_splits(model, datasets, cfg, env)
         else:
+            results = {}
+            for dataset in datasets:
+                results[dataset.split], records = evaluate(model, dataset, cfg.batch_size, cfg.num_workers,
+                                                           keep_records=cfg.vis > 0, dtype=cfg.dtype)
+                results[dataset.split]["skipped"] = dataset.skipped
+                if cfg.vis and env.is_master:
+                    paths = save_pictures(dataset, records, out_dir, cfg.vis, cfg.worst, f"{dcfg.dataset}_"
+                                          f"{dataset.split}")
+                    print0(f"{dataset.split}: {len(paths)} pictures in {out_dir}")
+            print0(f"{dcfg.dataset}, {cfg.ckpt}")
             print_table(results)
         if cfg.json and env.is_master:
             gap_loc = {"gap_loc": cfg.gap_loc} if cfg.modality_gap else {}
             with open(cfg.json, "w") as f:
-                json.dump({"ckpt": cfg.ckpt, "dataset": name, **gap_loc, "results": results}, f, indent=1)
+                json.dump({"ckpt": cfg.ckpt, "dataset": dcfg.dataset, **gap_loc, "results": results}, f, indent=1)
         return results
     finally:
         if env.ddp:

@@ -2,9 +2,12 @@
 
 Contents
   box ops        paired_iou_xyxy (elementwise IoU; torchvision only ships the pairwise one)
-  box losses     l1_box_loss (TransVG's), smooth_l1_box_loss (the paper's eq. 8), giou_loss
-  distillation   distill_loss: eq. 7 of the paper, cosine or L1, image/text/both
+  box losses     l1_box_loss (TransVG's), smooth_l1_box_loss (the paper's eq. 8), giou_loss; BOX_LOSSES by name
+  distillation   distill_loss: eq. 7 of the paper, image/text/both (MODALITIES), with a feature loss of
+                 DISTILL_LOSSES by name: cos (the paper's) or l1 (Table 3 #2)
   total          total_loss: eq. 8 = box + lambda * GIoU + distillation, plus a dict of terms to log
+A new loss is a function here and its name in BOX_LOSSES or DISTILL_LOSSES: train.py's --box_loss / --distill take
+the names from these dicts (their checks and --help too).
 
 References
   EpmVG: Wang et al., "Bridging Modality Gap for Visual Grounding with Effective Cross-modal
@@ -63,6 +66,9 @@ def smooth_l1_box_loss(
     return diff.sum(dim=1).mean()
 
 
+BOX_LOSSES = {"l1": l1_box_loss, "smooth_l1": smooth_l1_box_loss}  # --box_loss: (pred, target) cxcywh -> scalar
+
+
 def giou_loss(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of 1 - GIoU(pred_i, target_i), torchvision's elementwise GIoU loss.
 
@@ -80,15 +86,19 @@ def giou_loss(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch.T
 # cross-modal distillation (paper eq. 7)
 
 
-def _feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """(B,C), (B,C) -> scalar: 1 - cos (batch mean) or mean absolute difference."""
-    if kind == "cos":
-        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
-    if kind == "l1":
-        # Table 3 mode #2 only says "L1"; we take the mean over the C channels and the batch, so the
-        # term stays on the same O(1) scale as the cosine loss whatever the feature width.
-        return F.l1_loss(student, teacher)
-    raise ValueError(f"distill loss kind must be 'cos' or 'l1', got {kind!r}")
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """(B,C), (B,C) -> scalar: 1 - cos, the batch mean (eq. 7's loss: it ignores the features' scale)."""
+    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+def l1_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """(B,C), (B,C) -> scalar: Table 3 mode #2 only says "L1"; the mean over the C channels and the batch, so the
+    term stays on the same O(1) scale as the cosine loss whatever the feature width."""
+    return F.l1_loss(student, teacher)
+
+
+DISTILL_LOSSES = {"cos": cosine_distance, "l1": l1_distance}  # --distill: (student, teacher) (B,C) -> scalar
+MODALITIES = ("both", "image", "text")  # --distill_modality: both (eq. 7), image (Table 3 #3), text (Table 3 #4)
 
 
 def distill_loss(
@@ -108,18 +118,19 @@ def distill_loss(
     switched off is absent rather than zero, so the log shows what actually ran. The tensors of a
     switched-off modality are not read and may be None (the teacher then skips that encoder).
     """
-    if modality not in ("both", "image", "text"):
-        raise ValueError(f"distill modality must be 'both', 'image' or 'text', got {modality!r}")
+    if modality not in MODALITIES or kind not in DISTILL_LOSSES:
+        raise ValueError(f"distill_loss: modality in {MODALITIES} and kind in {tuple(DISTILL_LOSSES)}, got "
+                         f"{modality!r} and {kind!r}")
     (s_img, s_txt), (t_img, t_txt) = student, teacher
     active = ("image", "text") if modality == "both" else (modality,)
     for name, s, t in (("image", s_img, t_img), ("text", s_txt, t_txt)):
         if name in active and s.shape != t.shape:
             raise ValueError(f"{name} distillation: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
-    terms = {}
+    feature_loss, terms = DISTILL_LOSSES[kind], {}
     if modality in ("both", "image"):
-        terms["distill_img"] = alpha * _feature_loss(s_img.float(), t_img.float(), kind)
+        terms["distill_img"] = alpha * feature_loss(s_img.float(), t_img.float())
     if modality in ("both", "text"):
-        terms["distill_txt"] = beta * _feature_loss(s_txt.float(), t_txt.float(), kind)
+        terms["distill_txt"] = beta * feature_loss(s_txt.float(), t_txt.float())
     return terms
 
 
@@ -139,12 +150,8 @@ def total_loss(
     terms holds every summand as a scalar tensor (still in the graph) ("loss_box", "loss_giou", and
     "distill_img"/"distill_txt" when given), for logging; total is their sum.
     """
-    if box_loss == "l1":
-        box = l1_box_loss(pred_cxcywh, target_cxcywh)
-    elif box_loss == "smooth_l1":
-        box = smooth_l1_box_loss(pred_cxcywh, target_cxcywh)
-    else:
-        raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
-    terms = {"loss_box": box, "loss_giou": giou_weight * giou_loss(pred_cxcywh, target_cxcywh)}
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {tuple(BOX_LOSSES)}, got {box_loss!r}")
+    terms = {"loss_box": BOX_LOSSES[box_loss](pred_cxcywh, target_cxcywh), "loss_giou": giou_weight * giou_loss(pred_cxcywh, target_cxcywh)}
     terms.update(distill_terms or {})
     return sum(terms.values()), terms

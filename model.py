@@ -17,14 +17,14 @@ References
 Shape letters: B batch, S canvas side (ModelConfig.imsize), h x w feature map, N visual tokens (h*w for TransVG),
 L text tokens (max_query_len), D fusion width (256), H BERT width (768), C ResNet channels (2048).
 
-Differences from the official code, all numerically neutral (checked against it: interop.py, tests/*_parity.py):
+Differences from the official code, all numerically neutral (checked against it: tests/test_model.py's parity test):
   - the fusion sequence is in the paper's order [REG, visual, text] (eq. 1); TransVG uses [REG, text, visual].
     Attention is permutation-equivariant once each token carries its own position embedding, so only the rows of
     the learned position table move; interop.transvg_to_ours reorders them.
   - BERT has no pooler: TransVG never uses it, and its unused parameters would force DDP's find_unused_parameters.
   - attention runs through nn.MultiheadAttention with need_weights=False, i.e. F.scaled_dot_product_attention.
 Weights: a pretrained BERT (by name) and torchvision's ImageNet ResNet are loaded here; checkpoint files of any other
-format (DETR, TransVG, QRNet, Mask R-CNN) are read by interop.py, which imports this file.
+format (DETR, TransVG, QRNet, Mask R-CNN) are read by machinery/interop.py, which imports this file.
 """
 
 import math
@@ -38,8 +38,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from transformers import BertConfig, BertModel
 
 import qrnet
-from files import read_checkpoint
-from flags import UsageError, check_fields
+from machinery.checkpoints import check_format, read_checkpoint
+from machinery.flags import check_fields
 
 # -----------------------------------------------------------------------------
 # config
@@ -50,6 +50,30 @@ from flags import UsageError, check_fields
 BUILT_IN_VISUAL_INITS = ("random", "imagenet")
 OFFICIAL_VISUAL_INITS = ("detr", "mask_rcnn")
 NAMED_VISUAL_INITS = (*BUILT_IN_VISUAL_INITS, *OFFICIAL_VISUAL_INITS)
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = RESNETS + tuple(qrnet.SWIN_SIZES)
+
+
+@dataclass(frozen=True)
+class Location:
+    visual: str  # the student feature the image term pulls toward CLIP's pooled [DIE]
+    text: str  # the one the text term pulls toward the pooled [DTE]
+    in_visual_branch: bool  # the visual feature is the visual branch's own: a frozen branch cannot learn from it
+
+
+# The paper's distillation locations (Appendix A, Table 4). forward() returns each one's features under
+# out["distill"][name] and distill_widths() their widths; --distill_loc and --gap_loc take the names. p_v^1, the
+# first visual token, is the top-left cell of the visual grid (QRNet: of its stride-32 level), a padding cell when
+# the image is letterboxed below or right of it: masked as a key, while as a query it still attends to every valid
+# token (the paper's [VLS], read literally from eq. 2).
+LOCATIONS = {
+    "loc1": Location("fusion output at the first visual token ([VLS], p'_v^1)", "fusion output at [CLS] (p'_l^1)",
+                     False),
+    "loc2": Location("visual_proj's output there (fusion input)", "text_proj's output at [CLS]", False),
+    "loc3": Location("the visual branch's first token (DETR encoder; QRNet: the neck's, + its scale embedding)",
+                     "BERT's last layer at [CLS]", True),
+    "loc4": Location("the CNN's top-left cell (QRNet: Swin's last stage)", "BERT's embedding layer at [CLS]", True),
+}
 
 
 @dataclass
@@ -71,7 +95,9 @@ class ModelConfig:
     text_encoder: str = "bert-base-uncased"  # HF hub name or local directory of a BERT model
     text_init: str = "pretrained"  # "pretrained" (weights of text_encoder) or "random"
     text_config: dict | None = None  # BertConfig fields; filled at build time so a checkpoint rebuilds offline
-    visual_init: str = "random"  # random, imagenet (a ResNet's), or a DETR / TransVG / QRNet / Mask R-CNN file (interop.py)
+    visual_init: str = "random"  # random, imagenet (a ResNet's), or a DETR / TransVG / QRNet / Mask R-CNN file
+
+    CHOICES = {"backbone": BACKBONES, "text_init": ("pretrained", "random")}
 
     def __post_init__(self) -> None:  # refused here, when the flags are read, not after minutes of loading
         swin = (self.swin or qrnet.SWIN_SIZES[self.backbone]) if self.backbone in qrnet.SWIN_SIZES else None
@@ -79,7 +105,6 @@ class ModelConfig:
         stride = qrnet.deepest_stride(depths) if swin else 16 if self.dilation or self.resnet_stages == 3 else 32
         check_fields(self, [
             ("swin", swin is None or len(depths) in qrnet.STAGES, "Swin sizes whose depths give 4 stages (or 3)"),
-            ("backbone", self.backbone in BACKBONES, f"one of {', '.join(BACKBONES)}"),
             ("visual_init", self.visual_init != "imagenet" or self.backbone in RESNETS, "not imagenet (a ResNet's)"),
             ("dilation", not self.dilation or self.backbone in ("resnet50", "resnet101"), "a bottleneck ResNet"),
             ("resnet_stages", self.resnet_stages == 4 or (self.resnet_stages == 3 and not self.dilation and
@@ -91,12 +116,9 @@ class ModelConfig:
             ("dim_feedforward", self.dim_feedforward > 0, "> 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("pos_std", self.pos_std >= 0, ">= 0"),
             ("enc_layers", self.enc_layers >= 0, ">= 0"), ("vl_layers", self.vl_layers >= 1, ">= 1"),
-            ("max_query_len", self.max_query_len >= 2, ">= 2 ([CLS] and [SEP])"),
-            ("text_init", self.text_init in ("pretrained", "random"), "pretrained or random")])
+            ("max_query_len", self.max_query_len >= 2, ">= 2 ([CLS] and [SEP])")])
 
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES = RESNETS + tuple(qrnet.SWIN_SIZES)
 # BertConfig fields that fully determine the architecture (and hence the parameter shapes).
 BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
@@ -208,9 +230,6 @@ class TransVGVisual(nn.Module):
     checkpoints initialise it). forward(images (B,3,S,S), img_is_pad (B,S,S) True = padding, query: unused) ->
       tokens (B,N,D), N = (S / stride)^2, row-major; tokens_is_pad (B,N); the CNN's last map (B,C,h,w)."""
 
-    # the top-level names of checkpoints written before the branch was one module -> its own (GroundingModel)
-    LEGACY_NAMES = {"backbone.": "backbone.", "input_proj.": "input_proj.", "visual_encoder.": "encoder."}
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.backbone = build_resnet(cfg.backbone, cfg.dilation, cfg.visual_init, cfg.trainable_bn)
@@ -245,7 +264,8 @@ class TransVGVisual(nn.Module):
 
 class GroundingModel(nn.Module):
     """out = model(images, img_is_pad, input_ids, attention_mask); see forward for the outputs. Built from its config
-    alone (random weights, or BERT's and ImageNet's by name); interop.new_model also loads a visual_init file."""
+    alone (random weights, or BERT's and ImageNet's by name); machinery/interop.load_visual_checkpoint then loads a
+    visual_init file (a DETR, TransVG, QRNet or Mask R-CNN checkpoint), when a run starts from one."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -261,7 +281,6 @@ class GroundingModel(nn.Module):
             self.visual = TransVGVisual(cfg)
             self.text_encoder = build_bert(cfg)  # train.py fills cfg.text_config first, so checkpoints rebuild it
         bert = self.text_encoder.config
-        check_text_length(cfg, bert.max_position_embeddings)
         self.num_visual = self.visual.num_tokens(cfg.imsize)  # N
         # fusion: projections to D, [REG], learned positions for [REG | N visual | L text], the transformer
         self.visual_proj = nn.Linear(D, D)
@@ -271,7 +290,6 @@ class GroundingModel(nn.Module):
         self.fusion = Encoder(cfg.vl_layers, D, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         # prediction module, eq. 4: Linear-ReLU-Linear-ReLU-Linear, then a sigmoid in forward
         self.bbox_head = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 4))
-        self.register_load_state_dict_pre_hook(_legacy_names)
 
     def distill_widths(self, loc: str) -> tuple[int, int]:
         """Widths (Cv, Ct) of the student features at a distillation location (what the teacher is pooled to)."""
@@ -282,14 +300,9 @@ class GroundingModel(nn.Module):
                 attention_mask: torch.Tensor, visual: tuple | None = None) -> dict:
         """images (B,3,S,S) normalised canvas; img_is_pad (B,S,S) True = padding; input_ids (B,L);
         attention_mask (B,L) 1 = real token; visual: what self.visual returned for these images, computed earlier
-        (a frozen TransVG branch: precompute.py), or None. Returns
+        (a frozen TransVG branch: machinery/cache.py), or None. Returns
           "pred_boxes": (B,4) normalised (cx, cy, w, h) on the canvas;
-          "distill": {loc: (visual (B,Cv), text (B,Ct))}, the student features of the paper's Table 4:
-             loc1 fusion outputs at the first visual token ([VLS], p'_v^1) and at [CLS] (p'_l^1): the default;
-             loc2 the same two tokens right after visual_proj / text_proj (fusion inputs);
-             loc3 DETR encoder output (first token) and BERT's last layer at [CLS];
-             loc4 ResNet output (first cell, top-left) and BERT's embedding-layer output at [CLS].
-          QRNet, which has neither: loc3 the neck's first token (deepest level, + its scale embedding), loc4 Swin's.
+          "distill": {loc: (visual (B,Cv), text (B,Ct))}, the student features at each of LOCATIONS (Table 4).
         """
         S, S2 = (self.cfg.imsize,) * 2 if visual is not None else images.shape[-2:]
         L = input_ids.shape[1]
@@ -304,15 +317,13 @@ class GroundingModel(nn.Module):
         vis, vis_is_pad, cnn = self.visual(images, img_is_pad, txt[:, 0]) if visual is None else visual
         boxes, out, p_v, p_l = self.fuse(vis, vis_is_pad, txt, attention_mask == 0)
         cls = 1 + self.num_visual  # index of [CLS] in the joint sequence
-        return {
-            "pred_boxes": boxes,
-            "distill": {
-                "loc1": (out[:, 1], out[:, cls]),
-                "loc2": (p_v[:, 0], p_l[:, 0]),
-                "loc3": (vis[:, 0], txt[:, 0]),
-                "loc4": (cnn[:, :, 0, 0], bert.hidden_states[0][:, 0]),
-            },
+        features = {  # (visual, text) at each of LOCATIONS
+            "loc1": (out[:, 1], out[:, cls]),
+            "loc2": (p_v[:, 0], p_l[:, 0]),
+            "loc3": (vis[:, 0], txt[:, 0]),
+            "loc4": (cnn[:, :, 0, 0], bert.hidden_states[0][:, 0]),
         }
+        return {"pred_boxes": boxes, "distill": features}
 
     def fuse(self, vis: torch.Tensor, vis_is_pad: torch.Tensor, txt: torch.Tensor, txt_is_pad: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,17 +349,10 @@ class GroundingModel(nn.Module):
         if "model_config" not in ckpt:
             raise ValueError(f"{path}: not a checkpoint of train.py (no 'model_config'); interop.load_model also "
                              f"reads the official TransVG and QRNet ones")
+        check_format(ckpt, path)
         model = cls(ModelConfig(**{**ckpt["model_config"], "text_init": "random", "visual_init": "random"}))
         model.load_state_dict(ckpt["model"])
         return model.to(map_location).eval()
-
-
-def _legacy_names(model: GroundingModel, state_dict: dict, prefix: str, *args) -> None:
-    """A load_state_dict pre-hook: checkpoints written before the visual branch was one module (model.visual) held
-    its tensors at the top level (backbone.*, input_proj.*, visual_encoder.*); they load under today's names."""
-    for old, new in model.visual.LEGACY_NAMES.items():
-        for k in [k for k in state_dict if k.startswith(prefix + old)]:
-            state_dict[prefix + "visual." + new + k[len(prefix + old):]] = state_dict.pop(k)
 
 
 def resolve_text_config(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
@@ -363,13 +367,6 @@ def resolve_text_config(cfg: ModelConfig, vocab_size: int | None = None) -> Mode
     except OSError as e:
         raise bert_error(cfg, e) from e
     return replace(cfg, text_config={k: getattr(bert, k) for k in BERT_FIELDS})
-
-
-def check_text_length(cfg: ModelConfig, positions: int) -> None:
-    """max_query_len tokens must fit BERT's position table (512 for bert-base): refused before anything runs."""
-    if cfg.max_query_len > positions:
-        raise UsageError(f"--max_query_len {cfg.max_query_len} is more than the text encoder {cfg.text_encoder!r} "
-                         f"holds: its position table has {positions} rows")
 
 
 def example_inputs(cfg: ModelConfig, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:

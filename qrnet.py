@@ -9,11 +9,8 @@
     O_3 (stride 32) and O_4 (stride 64), each plus a learned scale embedding, are what the fusion reads (400 + 100
     tokens on a 640 canvas).
 
-QRNet's Swin-S has 4 stages. A Swin of 3 (the synthetic world's, on a 64 px canvas, as its TransVG toy stops ResNet at
-layer3) runs the same code one level shorter: the fusion reads the deepest stage's level and the extra one, strides
-16 and 32.
-
-The query is BERT's last-layer [CLS] (B,Q), not detached: QD-ATT's gradient reaches BERT (model.py passes it).
+QRNet's Swin-S has 4 stages; a Swin of 3 (the synthetic world's 64 px canvas) runs the same code one level shorter, the
+fusion reading strides 16 and 32. The query is BERT's last-layer [CLS] (B,Q), not detached: QD-ATT's gradient reaches BERT (model.py passes it).
 QD-ATT is CBAM's channel-then-spatial gating with weights generated from the query (DynamicLinear). Its V starts at
 zero, so at initialisation every dynamic layer outputs 0, both gates are sigmoid(0) = 1/2 and QD-ATT is a constant
 gain of 1/4; the LayerNorms after it (stage norm, patch merging) all but cancel that.
@@ -29,16 +26,14 @@ References
 Shape letters: B batch, S canvas side, h x w a level's map, c a stage's width, D the neck's width (the fusion width),
 Q the query's width (BERT's, 768).
 
-Equal to the official code (tests/test_qrnet_parity.py): torchvision's Swin blocks give mmdet's stage outputs bit for
+Equal to the official code (the parity test of tests/test_qrnet.py): torchvision's Swin blocks give mmdet's stage outputs bit for
 bit at 640 px (same window masks, same patch-merging order); the official mmdet Swin always shifts odd blocks while
 torchvision skips the shift when one window covers the whole map, which only happens on canvases under ~224 px.
 The canvas side must be a multiple of the deepest stage's stride, 32 (16 for 3 stages): the official neck fails on
 odd maps. Left out, as they never run: the detector's RPN head, which QRNet keeps, and 3 of its 5 scale embeddings
 (only rows 3 and 4 are read). The channel gate's dynamic weights are generated once for both of its pools (the
-official code does it per pool).
-
-The official (mmdet) names of these tensors, for a Mask R-CNN Swin-S checkpoint and QRNet's own, are mapped to ours
-in interop.py. This file imports nothing from the project.
+official code does it per pool). machinery/interop.py maps the official (mmdet) names of these tensors, a Mask R-CNN
+Swin-S's and QRNet's own, to ours. This file imports nothing from the project.
 """
 
 import torch
@@ -175,9 +170,6 @@ class QRNetVisual(nn.Module):
                       strides 16 and 32, n = S/16
       tokens_is_pad (B,N): True where the cell's top-left pixel is padding (nearest resize: QRNet's rule, TransVG's)
       last_stage (B,c,h,w): Swin's last stage's output (stage 4 of Swin-S)."""
-
-    # the top-level names of checkpoints written before the branch became model.visual -> its own (GroundingModel)
-    LEGACY_NAMES = {"backbone.": ""}
 
     def __init__(self, sizes: dict, dim: int, query_dim: int) -> None:
         super().__init__()

@@ -6,8 +6,9 @@ Fixtures and helpers
   tiny_config          a factory of tiny random-weight ModelConfigs (a ResNet-18 TransVG; backbone="swin_toy_qrnet"
                        with swin=TINY_SWIN for QRNet); model: one tiny TransVG, in eval mode
   save_tiny_clip       a tiny random CLIP saved like a hub model; tiny_clip_dir: one, for the whole session
-  shapes_tok           the synthetic world's word-level BERT tokenizer
-  tiny_train_flags     train.py flags for a seconds-long run on the synthetic world
+  world_vocab          the synthetic world's word-level BERT vocabulary, written once; shapes_tok: its tokenizer;
+                       word_tok: a BERT tokenizer over a few words and wordpieces (the benchmarks' tests)
+  tiny_train_flags     train.py flags for a seconds-long run on the synthetic world; checkpoint: one such run's last.pt
   torchrun             a script under torchrun with 2 CPU processes
   ours_to_transvg, ours_to_qrnet   our weights under the official names, to fabricate official checkpoints (the
                        library reads those formats, interop.py; of them it writes only mmdet's Swin, for the toy Swin)
@@ -29,7 +30,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import pytest  # noqa: E402
 
-import interop  # noqa: E402
+from machinery import interop  # noqa: E402
 from model import GroundingModel, ModelConfig  # noqa: E402
 
 # 64-d heads like every released BERT (interop.bert_config_from_weights infers the head count as hidden_size / 64)
@@ -64,7 +65,7 @@ def model(tiny_config):
 def save_tiny_clip(directory, projection_dim: int = 64, seed: int = 0) -> str:
     """A tiny random CLIP (32-d towers of one layer, 32 px images, 77 text positions) with a word tokenizer, saved
     like a hub model (no preprocessor config); its weights drawn after torch.manual_seed(seed)."""
-    from clip_teacher import save_random_clip
+    from world.toy_clip import save_random_clip
 
     torch.manual_seed(seed)
     save_random_clip(directory, ["the", "man", "red", "circle", "left"], projection_dim=projection_dim,
@@ -83,19 +84,35 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shapes_tok(tmp_path_factory):
-    """The synthetic world's word-level BERT tokenizer (shapes.WORDS), written to a temp folder."""
-    import data
-    return data.load_tokenizer(os.path.dirname(data.write_shapes_vocab(str(tmp_path_factory.mktemp("shapes_vocab")))))
+def world_vocab(tmp_path_factory) -> str:
+    """A folder holding the synthetic world's word-level BERT vocab.txt (train.py writes its own only at the recipe's
+    path, out/shapes_vocab)."""
+    from world.dataset import write_vocab
+    return os.path.dirname(write_vocab(str(tmp_path_factory.mktemp("shapes_vocab"))))
 
 
 @pytest.fixture(scope="session")
-def tiny_train_flags(tmp_path_factory):
-    """train.py flags for a seconds-long run on the synthetic world: 64 px, 1+1 layers of width 32, the world's
-    vocabulary written once (train.py builds it only at the preset's own path, out/shapes_vocab)."""
+def shapes_tok(world_vocab):
+    """The synthetic world's word-level BERT tokenizer."""
     import data
-    vocab = os.path.dirname(data.write_shapes_vocab(str(tmp_path_factory.mktemp("shapes_vocab"))))
-    return functools.partial(_tiny_train_flags, vocab=vocab)
+    return data.load_tokenizer(world_vocab)
+
+
+@pytest.fixture(scope="session")
+def word_tok(tmp_path_factory):
+    """A BERT tokenizer over a few words and wordpieces, enough to see truncation and ## pieces."""
+    d = tmp_path_factory.mktemp("word_vocab")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "man", "on", "left", "right", "red", "car",
+             "most", "-", ",", "lap", "##top", "bright", "a", "of"]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    import data
+    return data.load_tokenizer(str(d))
+
+
+@pytest.fixture(scope="session")
+def tiny_train_flags(world_vocab):
+    """train.py flags for a seconds-long run on the synthetic world: 64 px, 1+1 layers of width 32."""
+    return functools.partial(_tiny_train_flags, vocab=world_vocab)
 
 
 def _tiny_train_flags(out_dir, *extra: str, vocab: str) -> list[str]:
@@ -109,6 +126,15 @@ def _tiny_train_flags(out_dir, *extra: str, vocab: str) -> list[str]:
             # the general machinery (augmentation, a trainable visual branch, an eval per epoch), not the preset's
             "--visual_init=random", "--cache_visual=false", "--augment=true", "--eval_every=0", "--lr=2e-4",
             "--lr_visual=2e-4", "--lr_text=2e-4", "--lr_schedule=step", "--warmup_steps=0", "--clip_grad=0", *extra]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tiny_train_flags):
+    """The last.pt of a one-epoch tiny run on the synthetic world (no distillation), made once per session."""
+    import train
+    out = tmp_path_factory.mktemp("run")
+    train.main(tiny_train_flags(out, "--epochs=1", "--final_eval=false"))
+    return out / "last.pt"
 
 
 def torchrun(script: str, *args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:

@@ -12,18 +12,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import data  # noqa: E402
 import train  # noqa: E402
-from config import TrainConfig, defaults  # noqa: E402
-from flags import parse_config  # noqa: E402
-from runtime import setup_device  # noqa: E402
+from machinery.run_folders import claim_run_dir  # noqa: E402
+from machinery.runtime import setup_device  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    cfg, dcfg, mcfg = parse_config(sys.argv[1:], [TrainConfig, data.DataConfig, train.ModelConfig], defaults)
+    cfg, dcfg, mcfg, wcfg = train.read_flags(sys.argv[1:])
     env = setup_device(cfg.device)
     try:
-        metrics, model = train.run(cfg, dcfg, mcfg, env)
+        claim_run_dir(cfg.out_dir, "", "", False, env)
+        metrics, model = train.train(cfg, dcfg, mcfg, wcfg, env)
     finally:
         dist.destroy_process_group()
     digest = hashlib.sha256()

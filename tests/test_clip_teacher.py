@@ -14,10 +14,9 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
 from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
+import data
 import train
-import transforms
-from clip_teacher import CLIPTeacher, adaptive_avg_pool, save_word_tokenizer
-from config import TrainConfig
+from clip_teacher import CLIPTeacher, adaptive_avg_pool
 from losses import distill_loss
 from model import GroundingModel, example_inputs
 
@@ -44,7 +43,7 @@ def teacher(clip_dir):
 
 
 def random_canvas(batch=2, seed=0):
-    """RGB in [0,1], what the teacher takes (train.py passes transforms.unnormalise of the student's canvas)."""
+    """RGB in [0,1], what the teacher takes (train.py passes data.unnormalise of the student's canvas)."""
     return torch.rand(batch, 3, CANVAS, CANVAS, generator=torch.Generator().manual_seed(seed))
 
 
@@ -88,7 +87,7 @@ def test_constant_colour_and_padding_map_to_clip_normalised_values(teacher):
     expected = (colour - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # no processor config
     torch.testing.assert_close(pixels, expected.view(1, 3, 1, 1).expand_as(pixels), atol=1e-5, rtol=0)
     # Padding is 0 in ImageNet space = the ImageNet mean colour, which CLIP sees as a grey letterbox.
-    padding = teacher.preprocess(transforms.unnormalise(torch.zeros(1, 3, CANVAS, CANVAS)))
+    padding = teacher.preprocess(data.unnormalise(torch.zeros(1, 3, CANVAS, CANVAS)))
     grey = (torch.tensor(IMAGENET_DEFAULT_MEAN) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(padding, grey.view(1, 3, 1, 1).expand_as(padding), atol=1e-5, rtol=0)
 
@@ -178,9 +177,9 @@ def test_frozen_teacher_stays_out_of_the_student(teacher, tiny_config):
     assert all(not p.requires_grad for p in teacher.parameters())
     assert set(student.state_dict()) == keys
     teacher_ids = {id(p) for p in teacher.parameters()}
-    groups = train.param_groups(student, teacher, TrainConfig())  # the optimizer's groups in train.py
+    groups = train.param_groups(student, teacher, train.TrainConfig())  # the optimizer's groups in train.py
     assert not teacher_ids & {id(p) for group in groups for p in group["params"]}
-    groups = train.param_groups(student, teacher, TrainConfig(teacher_trainable=True))
+    groups = train.param_groups(student, teacher, train.TrainConfig(teacher_trainable=True))
     assert {id(p) for p in groups[-1]["params"]} == teacher_ids and groups[-1]["base_lr"] == 1e-5
 
 
@@ -191,7 +190,7 @@ def test_each_location_gets_targets_of_its_width_and_only_the_student_gets_gradi
     out = student(*batch)
     loss = 0.0
     for loc in ("loc1", "loc2", "loc3", "loc4"):  # tiny widths: (32,32) (32,32) (32,64) (512,64)
-        target = teacher.targets(transforms.unnormalise(batch[0]), TEXTS, student.distill_widths(loc))
+        target = teacher.targets(data.unnormalise(batch[0]), TEXTS, student.distill_widths(loc))
         assert [t.shape for t in target] == [f.shape for f in out["distill"][loc]]
         assert not any(t.requires_grad or t.is_inference() for t in target)
         loss = loss + sum(distill_loss(out["distill"][loc], target).values())
@@ -215,9 +214,9 @@ def test_trainable_teacher_gets_the_distillation_gradient_and_updates(clip_dir, 
     student = GroundingModel(tiny_config()).train()
     assert not teacher.model.training and all(p.requires_grad for p in teacher.parameters())
     # train.py's groups: the teacher joins the optimizer at the backbone learning rate
-    optimizer = torch.optim.AdamW(train.param_groups(student, teacher, TrainConfig(teacher_trainable=True)))
+    optimizer = torch.optim.AdamW(train.param_groups(student, teacher, train.TrainConfig(teacher_trainable=True)))
     batch = student_batch(student.cfg)
-    target = teacher.targets(transforms.unnormalise(batch[0]), TEXTS, student.distill_widths("loc1"))
+    target = teacher.targets(data.unnormalise(batch[0]), TEXTS, student.distill_widths("loc1"))
     sum(distill_loss(student(*batch)["distill"]["loc1"], target).values()).backward()
     model = teacher.model
     for p in (model.visual_projection.weight, model.text_projection.weight,
@@ -293,14 +292,6 @@ def test_cuda_runs_bf16_and_returns_fp32(clip_dir, teacher):
     assert emb.dtype == torch.float32 and gpu.amp_dtype == torch.bfloat16
     cos = F.cosine_similarity(emb.cpu(), teacher.encode_image(canvas))
     assert (cos > 0.99).all()
-
-
-def test_word_tokenizer_spells_given_words_as_single_tokens(tmp_path):
-    tok = save_word_tokenizer(tmp_path, ["circle", "red", "left"])
-    assert tok.tokenize("the red circle on the left") == ["t", "h", "e</w>", "red</w>", "circle</w>", "o", "n</w>",
-                                                          "t", "h", "e</w>", "left</w>"]
-    assert tok.eos_token_id == len(tok) - 1  # specials last, as in OpenAI's vocabulary
-    assert CLIPTokenizer.from_pretrained(tmp_path).tokenize("circles") == ["circl", "e", "s</w>"]
 
 
 def test_an_untrained_teacher_has_the_same_architecture_and_no_knowledge(tmp_path):

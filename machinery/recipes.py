@@ -1,0 +1,49 @@
+"""The recipes: the settings a run starts from per --dataset and student, under the command line.
+
+    name, values, more = recipe({"dataset": "refcoco", "backbone": "swin_s_qrnet", ...})   # flags.parse_config calls it
+
+Precedence: the dataclass defaults (train.TrainConfig's are the paper's TransVG recipe on RefCOCO), the dataset's
+recipe (PRESETS), QRNet's on top for a QRNet student (QRNET_PRESETS), then the command line; --help names the recipe
+that sets each value. The synthetic world brings its own (world/recipe.py). resolve() fills what flags leave implicit.
+References: EpmVG paper sec. 4.2; TransVG (github.com/djiajunustc/TransVG @ c862427) train.py; QRNet
+(github.com/LukeForeverYoung/QRNet @ 6aaa23c) train.py and its scripts.
+"""
+
+from dataclasses import replace
+
+import data
+import qrnet
+from machinery import interop
+from model import OFFICIAL_VISUAL_INITS, ModelConfig, resolve_text_config
+
+# The paper's recipe per dataset (sec. 4.2): TransVG's DETR checkpoint for the visual branch, pretrained BERT, TransVG's
+# query length (40 tokens for RefCOCOg), 180 epochs for RefCOCO+; the rest are TrainConfig's defaults.
+PAPER = {"visual_init": "detr", "text_init": "pretrained", "text_encoder": "bert-base-uncased"}
+PRESETS = {name: {**PAPER, "max_query_len": info.max_query_len} for name, info in data.DATASETS.items()
+           if name != "shapes"}
+PRESETS["refcoco+"].update(epochs=180, lr_drop=120)
+# QRNet's on top, for a QRNet student: the Mask R-CNN Swin-S it starts from (a file under --checkpoint_dir), 180 epochs
+# with lr x0.1 from 60 (RefCOCO+: 120, its README), batch 128 (its RefCOCO script: 8 GPUs x 16; ReferIt's: 8 x 8).
+QRNET_PRESETS = {name: {"visual_init": "mask_rcnn", "epochs": 180, "lr_drop": 120 if name == "refcoco+" else 60,
+                        "batch_size": 128 if name.startswith("refcoco") else 64} for name in PRESETS}
+
+
+def recipe(flags: dict) -> tuple[str, dict, list[type]]:
+    """For parse_config: (the name, values and extra configs of the recipe that --dataset and --backbone ask for),
+    QRNet's on top of the dataset's when the student is QRNet."""
+    is_qrnet = flags["backbone"] in qrnet.SWIN_SIZES
+    name = flags["dataset"] + (" QRNet" if is_qrnet else "")
+    if flags["dataset"] == "shapes":
+        from world.recipe import SHAPES, SHAPES_QRNET, WorldConfig
+        return name, {**SHAPES, **(SHAPES_QRNET if is_qrnet else {})}, [WorldConfig]
+    values = {**PRESETS.get(flags["dataset"], {}), **(QRNET_PRESETS.get(flags["dataset"], {}) if is_qrnet else {})}
+    return name, values, []  # an unknown --dataset has none: DataConfig refuses it once the flags are read
+
+
+def resolve(dcfg: data.DataConfig, mcfg: ModelConfig, checkpoint_dir: str, vocab_size: int) -> ModelConfig:
+    """Fill what the flags leave implicit, once, before anything is built: the DETR or Mask R-CNN checkpoint path and
+    BERT's full config (so a checkpoint rebuilds it offline). What this returns is what checkpoints hold."""
+    if mcfg.visual_init in OFFICIAL_VISUAL_INITS:
+        mcfg = replace(mcfg, visual_init=interop.official_visual_checkpoint(
+            mcfg.visual_init, mcfg.backbone, data.DATASETS[dcfg.dataset].detr, checkpoint_dir))
+    return resolve_text_config(mcfg, vocab_size if mcfg.text_init == "random" else None)

@@ -1,0 +1,1 @@
+"""Tools beside the method, run from the project's root: bench.py (speed and memory), gap.py (the modality gap)."""

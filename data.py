@@ -9,9 +9,8 @@ Contents
                 that swaps the whole words left/right, translation) or the eval letterbox; its exact inverse
                 canvas_to_original_xyxy; unnormalise (what CLIP is given); IMAGENET_MEAN / _STD, defined once
   text          load_tokenizer (BERT's, by hub name or folder), make_encoder, tokenize, collate
-  datasets      GroundingDataset, Benchmark (a split's items, read from its annotations: annotations/), read_image,
-                make_dataset; the synthetic world (--dataset shapes) is world/dataset.py's, reached only when asked for
-
+  datasets      Benchmark (a split's items, from annotations/), read_image, make_dataset (the synthetic world:
+                world/dataset.py, reached only for --dataset shapes)
 References: TransVG (github.com/djiajunustc/TransVG @ c862427) datasets/data_loader.py and transforms.py, re-written
 from a written description of them (no code copied).
 
@@ -240,9 +239,9 @@ def transform_sample(image: torch.Tensor, gt_xyxy: torch.Tensor, text: str, *, t
     canvas, img_is_pad = _normalise_into_canvas(image, imsize, top, left, jitter=train)
     shift = torch.tensor([left, top, left, top], dtype=torch.float32)
     target = box_convert(box.as_subclass(torch.Tensor)[0] + shift, "xyxy", "cxcywh") / imsize
-    return {"image": canvas, "img_is_pad": img_is_pad, "target": target, "text": text,
-            "orig_size": torch.tensor([orig_h, orig_w]), "scale": torch.tensor(affine[:2], dtype=torch.float32),
-            "pad_offset": torch.tensor([affine[2] + left, affine[3] + top], dtype=torch.float32), "gt_xyxy": gt_xyxy.float()}
+    offset = torch.tensor([affine[2] + left, affine[3] + top], dtype=torch.float32)
+    return {"image": canvas, "img_is_pad": img_is_pad, "target": target, "text": text, "gt_xyxy": gt_xyxy.float(),
+            "orig_size": torch.tensor([orig_h, orig_w]), "scale": torch.tensor(affine[:2]), "pad_offset": offset}
 
 
 def canvas_to_original_xyxy(boxes_cxcywh: torch.Tensor, imsize: int, scale: torch.Tensor,

@@ -4,7 +4,7 @@
     python evaluate.py --ckpt TransVG_unc.pth --dataset refcoco --tokenizer /path/to/bert-base-uncased
     python evaluate.py --ckpt out/shapes/best.pt --vis 8 --worst      # PNGs of the 8 worst predictions
     python evaluate.py --ckpt out/shapes/best.pt --image photo.jpg --text "the man on the left"
-    python evaluate.py --ckpt out/shapes/best.pt --modality_gap --split val    # Figure 2, measured (gap.py)
+    python evaluate.py --ckpt out/shapes/best.pt --modality_gap --split val    # Figure 2, measured (tools/gap.py)
     torchrun --nproc_per_node=8 evaluate.py --ckpt ...                # same numbers, exact counts
 
 Metric (paper sec. 4.1, TransVG's eval): a prediction is correct when its IoU with the ground truth is >= 0.5, in

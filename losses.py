@@ -6,13 +6,9 @@ Contents
   distillation   distill_loss: eq. 7 of the paper, image/text/both (MODALITIES), with a feature loss of
                  DISTILL_LOSSES by name: cos (the paper's) or l1 (Table 3 #2)
   total          total_loss: eq. 8 = box + lambda * GIoU + distillation, plus a dict of terms to log
-A new loss is a function here and its name in BOX_LOSSES or DISTILL_LOSSES: train.py's --box_loss / --distill take
-the names from these dicts (their checks and --help too).
-
-References
-  EpmVG: Wang et al., "Bridging Modality Gap for Visual Grounding with Effective Cross-modal
-         Distillation", arXiv 2312.17648, sec. 3.2, eq. 7-8.
-  TransVG: github.com/djiajunustc/TransVG @ c862427, utils/loss_utils.py (L1 + GIoU, weights 1:1).
+A new loss is a function here and its name in BOX_LOSSES or DISTILL_LOSSES: --box_loss / --distill, their checks and
+--help take the names from these dicts. References: EpmVG, arXiv 2312.17648, sec. 3.2, eq. 7-8; TransVG
+(github.com/djiajunustc/TransVG @ c862427) utils/loss_utils.py (L1 + GIoU, weights 1:1).
 
 Every function casts its inputs to fp32 first: under bf16 autocast the predictions arrive in bf16,
 and GIoU on small boxes loses too much precision there. Boxes are (B,4) with B the batch; the box
@@ -152,6 +148,7 @@ def total_loss(
     """
     if box_loss not in BOX_LOSSES:
         raise ValueError(f"box_loss must be one of {tuple(BOX_LOSSES)}, got {box_loss!r}")
-    terms = {"loss_box": BOX_LOSSES[box_loss](pred_cxcywh, target_cxcywh), "loss_giou": giou_weight * giou_loss(pred_cxcywh, target_cxcywh)}
+    terms = {"loss_box": BOX_LOSSES[box_loss](pred_cxcywh, target_cxcywh),
+             "loss_giou": giou_weight * giou_loss(pred_cxcywh, target_cxcywh)}
     terms.update(distill_terms or {})
     return sum(terms.values()), terms

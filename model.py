@@ -9,10 +9,9 @@
 The student picks its visual branch once, from ModelConfig.backbone; both take (images, img_is_pad, query) and
 return (tokens (B,N,D), tokens_is_pad (B,N), the CNN's or Swin's last map (B,C,h,w)); the rest is shared.
 
-References
-  EpmVG paper, arXiv 2312.17648, sec. 3.1 (eq. 1-4) and Appendix A (distillation locations).
-  TransVG, github.com/djiajunustc/TransVG @ c862427: models/trans_vg.py, vl_transformer.py, visual_model/*.
-  DETR, github.com/facebookresearch/detr (backbone, sine position encoding, post-norm encoder layer).
+References: EpmVG paper, arXiv 2312.17648, sec. 3.1 (eq. 1-4) and Appendix A (distillation locations); TransVG,
+github.com/djiajunustc/TransVG @ c862427 (models/trans_vg.py, vl_transformer.py, visual_model/*); DETR,
+github.com/facebookresearch/detr (backbone, sine position encoding, post-norm encoder layer).
 
 Shape letters: B batch, S canvas side (ModelConfig.imsize), h x w feature map, N visual tokens (h*w for TransVG),
 L text tokens (max_query_len), D fusion width (256), H BERT width (768), C ResNet channels (2048).
@@ -23,8 +22,7 @@ Differences from the official code, all numerically neutral (checked against it:
     the learned position table move; interop.transvg_to_ours reorders them.
   - BERT has no pooler: TransVG never uses it, and its unused parameters would force DDP's find_unused_parameters.
   - attention runs through nn.MultiheadAttention with need_weights=False, i.e. F.scaled_dot_product_attention.
-Weights: a pretrained BERT (by name) and torchvision's ImageNet ResNet are loaded here; checkpoint files of any other
-format (DETR, TransVG, QRNet, Mask R-CNN) are read by machinery/interop.py, which imports this file.
+Weights: BERT (by name) and torchvision's ImageNet ResNet load here; files of other formats in machinery/interop.py.
 """
 
 import math

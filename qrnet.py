@@ -9,8 +9,8 @@
     O_3 (stride 32) and O_4 (stride 64), each plus a learned scale embedding, are what the fusion reads (400 + 100
     tokens on a 640 canvas).
 
-QRNet's Swin-S has 4 stages; a Swin of 3 (the synthetic world's 64 px canvas) runs the same code one level shorter, the
-fusion reading strides 16 and 32. The query is BERT's last-layer [CLS] (B,Q), not detached: QD-ATT's gradient reaches BERT (model.py passes it).
+QRNet's Swin-S has 4 stages; a Swin of 3 (the synthetic world's 64 px canvas) runs the same code one level shorter.
+The query is BERT's last-layer [CLS] (B,Q), not detached: QD-ATT's gradient reaches BERT (model.py passes it).
 QD-ATT is CBAM's channel-then-spatial gating with weights generated from the query (DynamicLinear). Its V starts at
 zero, so at initialisation every dynamic layer outputs 0, both gates are sigmoid(0) = 1/2 and QD-ATT is a constant
 gain of 1/4; the LayerNorms after it (stage norm, patch merging) all but cancel that.
@@ -26,8 +26,8 @@ References
 Shape letters: B batch, S canvas side, h x w a level's map, c a stage's width, D the neck's width (the fusion width),
 Q the query's width (BERT's, 768).
 
-Equal to the official code (the parity test of tests/test_qrnet.py): torchvision's Swin blocks give mmdet's stage outputs bit for
-bit at 640 px (same window masks, same patch-merging order); the official mmdet Swin always shifts odd blocks while
+Equal to the official code (tests/test_qrnet.py's parity test): torchvision's Swin blocks give mmdet's stage outputs
+bit for bit at 640 px (same window masks, same patch-merging order); the official Swin always shifts odd blocks while
 torchvision skips the shift when one window covers the whole map, which only happens on canvases under ~224 px.
 The canvas side must be a multiple of the deepest stage's stride, 32 (16 for 3 stages): the official neck fails on
 odd maps. Left out, as they never run: the detector's RPN head, which QRNet keeps, and 3 of its 5 scale embeddings

@@ -27,6 +27,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -401,15 +402,12 @@ def build_student(mcfg: ModelConfig, cfg: TrainConfig, env: DeviceEnv) -> Ground
 
 def describe(run: Run) -> None:
     """Print the resolved configs and the run's shape; rank 0 writes them to out_dir/config.json."""
-    cfg, env = run.cfg, run.env
-    info = json.dumps({**run.configs, "world_size": env.world_size, "grad_accum": run.accum}, indent=1)
-    print0(info)
-    print0(f"{run.configs['data_config']['dataset']}: {len(run.train_set)} train samples, {run.steps_per_epoch} "
-           f"steps/epoch, {run.total_steps} steps; global batch {cfg.batch_size} = micro-batch {cfg.micro_batch} x "
-           f"{env.world_size} devices x {run.accum} accumulation steps")
-    if env.is_master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            f.write(info)
+    info = json.dumps({**run.configs, "world_size": run.env.world_size, "grad_accum": run.accum}, indent=1)
+    print0(f"{info}\n{run.configs['data_config']['dataset']}: {len(run.train_set)} train samples, "
+           f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps; global batch {run.cfg.batch_size} = "
+           f"micro-batch {run.cfg.micro_batch} x {run.env.world_size} devices x {run.accum} accumulation steps")
+    if run.env.is_master:
+        checkpoints.write_atomic(os.path.join(run.cfg.out_dir, "config.json"), lambda tmp: Path(tmp).write_text(info))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """--cache_visual: a frozen visual branch's tokens and a frozen teacher's targets, computed once per sample.
 
-    train_set = CachedVisual(dataset, model, teacher, widths, device)     # train.py, after the weights are loaded
-    batch["visual"], batch["teacher_targets"]                             # what optimizer_step then reads
+    train_set = CachedVisual(dataset, model, teacher, widths, device)   # train.py; its batches carry "visual" and
+                                                                         # "teacher_targets", which optimizer_step reads
 
 When the student's visual branch is frozen and the images are not augmented, a sample's visual tokens never change,
 nor do a frozen teacher's targets for it: computing them once, in eval mode, gives the step exactly what it would
@@ -46,8 +46,9 @@ class CachedVisual(Dataset):
                 if live_teacher:
                     fields["image"] = batch["image"]
                 elif teacher is not None:
-                    image, text = teacher.targets(data.unnormalise(images), batch["text"], widths)
-                    fields.update({k: v for k, v in (("teacher_image", image), ("teacher_text", text)) if v is not None})
+                    targets = zip(("teacher_image", "teacher_text"), teacher.targets(data.unnormalise(images),
+                                                                                     batch["text"], widths))
+                    fields.update({k: v for k, v in targets if v is not None})  # None: a modality not distilled
                 for k, v in fields.items():
                     parts.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
                 self.text += batch["text"]

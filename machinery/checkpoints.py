@@ -1,12 +1,8 @@
 """Checkpoints: written atomically, read safely, resumed exactly.
 
-Contents
-  files       write_atomic (never half-written, a full disk said so), save_atomic (a checkpoint so), read_checkpoint
-              (weights_only: tensors and plain data, nothing unpickled), git_sha
-  training    FORMAT_VERSION and check_format, save_run / resume_run (an exact resume: weights, optimizer, scaler,
-              every rank's RNG streams), resume_configs (a resumed run's settings: the checkpoint's, with only the
-              flags that may change on top)
-Run folders (one run each, locked): run_folders.py.
+  files       write_atomic, save_atomic (never half-written, a full disk said so), read_checkpoint (plain data only)
+  training    FORMAT_VERSION, check_format, save_run / resume_run (weights, optimizer, scaler, every rank's RNG
+              streams), resume_configs (the checkpoint's settings, with only the flags that may change on top)
 """
 
 import argparse

@@ -1,10 +1,10 @@
 """How every script reads its flags: typed dataclasses -> --key value (or --key=value), checked once.
 
-    cfg, dcfg, mcfg, wcfg = parse_config(argv, [TrainConfig, DataConfig, ModelConfig], train.recipe, __doc__)
+    cfg, dcfg, mcfg, wcfg = parse_config(argv, [TrainConfig, DataConfig, ModelConfig], recipes.recipe, __doc__)
 
   parse_config   one flag per dataclass field, converted by the field's type (--epochs=1e4 is an error, --lr=1 is 1.0;
                  dict fields take JSON), unknown keys refused; --help shows each field's trailing comment, its allowed
-                 values and the value that will run, naming the recipe that sets it (train.recipe)
+                 values and the value that will run, naming the recipe that sets it (machinery/recipes.py)
   check_fields   what a config's __post_init__ calls: each field's value checked once, when the flags are read; a
                  config's CHOICES ({field: allowed values}) are checked and listed in --help from the same tuple
   UsageError     a user's mistake: one message naming the flag and what to do; cli() prints it alone and exits
@@ -13,9 +13,7 @@
 Why not transformers.HfArgumentParser: it takes help texts only from field(metadata={"help": ...}), which would
 double the length of every config class and move the help away from the one-line trailing comment each field
 carries; it cannot parse dict fields (ModelConfig.text_config: `--text_config={"hidden_size": 64}` is "invalid dict
-value"); and presets still need the two-pass parse below.
-
-This file imports nothing from the project.
+value"); and presets still need the two-pass parse below. This file imports nothing from the project.
 """
 
 import argparse
@@ -90,7 +88,8 @@ def parse_config(argv: list[str] | None, types: list[type],
     argv = sys.argv[1:] if argv is None else argv
     name, preset = "", {}
     if presets:  # a first read (without --help, which would exit), so that --help shows the preset's values
-        name, preset, more = presets(vars(_parser(types, description, {}, "", add_help=False).parse_known_args(argv)[0]))
+        first = _parser(types, description, {}, "", add_help=False).parse_known_args(argv)[0]
+        name, preset, more = presets(vars(first))
         types = [*types, *more]
     owner = {f.name: cls for cls in types for f in dataclasses.fields(cls)}
     parser = _parser(types, description, preset, name, add_help=True)

@@ -9,9 +9,8 @@ QRNet's train.py with a pickled argparse.Namespace, which read_checkpoint allows
 key onto ours and loaded strictly, the architecture read off its weights. A detector's checkpoint (DETR, Mask R-CNN)
 initialises the student's visual branch only. Parity with the official code (same pred_boxes, fusion outputs and, for
 QRNet, neck outputs on the same inputs): the parity tests in tests/test_model.py and tests/test_qrnet.py, docs/.
-References: TransVG, github.com/djiajunustc/TransVG @ c862427 (models/trans_vg.py, train.py); QRNet,
-github.com/LukeForeverYoung/QRNet @ 6aaa23c (models/trans_vg.py TransVGSwin, train.py, and its mmdet Swin and neck);
-DETR, github.com/facebookresearch/detr (its checkpoints' names).
+References: TransVG @ c862427 (models/trans_vg.py, train.py); QRNet @ 6aaa23c (models/trans_vg.py TransVGSwin,
+train.py, its mmdet Swin and neck); DETR (its checkpoints' names).
 """
 
 import math
@@ -156,8 +155,7 @@ TRANSVG_PREFIXES = {
     "visumodel.transformer.encoder.layers.": "visual.encoder.layers.", "textmodel.bert.": "text_encoder.",
     "vl_pos_embed.weight": "pos_embed", "reg_token.weight": "reg_token", "visu_proj.": "visual_proj.",
     "text_proj.": "text_proj.", "vl_transformer.encoder.layers.": "fusion.layers.",
-    "bbox_embed.layers.0.": "bbox_head.0.", "bbox_embed.layers.1.": "bbox_head.2.", "bbox_embed.layers.2.": "bbox_head.4.",
-}
+    **{f"bbox_embed.layers.{i}.": f"bbox_head.{2 * i}." for i in range(3)}}
 
 
 def transvg_to_ours(sd: dict, max_query_len: int) -> dict:

@@ -2,11 +2,10 @@
 
     to_build = check_inputs(cfg, dcfg, mcfg, wcfg, env)    # train.main; --dry_run stops after it
 
-A mistake found here is one UsageError listing every problem with what to do for each (exit status 2, no traceback):
-flags that contradict each other or this machine (a single flag's value is its config's to check, when the flags are
-read), the split files and images, BERT and CLIP (local folders on disk, hub names in the local Hugging Face cache,
-the hub asked once, with a short timeout), the detector checkpoint the visual branch starts from, the checkpoint to
-resume, the out_dir. On the synthetic world, world/prepare.py answers for the inputs it builds itself.
+One UsageError lists every problem, with what to do for each (exit status 2): flags that contradict each other or this
+machine (one flag's value is its config's to check), the split files and images, BERT and CLIP (on disk, in the Hugging
+Face cache, or on the hub, asked once), the detector the visual branch starts from, the out_dir. On the synthetic
+world, world/prepare.py answers for the inputs it builds itself.
 """
 
 import contextlib

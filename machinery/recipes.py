@@ -3,10 +3,9 @@
     name, values, more = recipe({"dataset": "refcoco", "backbone": "swin_s_qrnet", ...})   # flags.parse_config calls it
 
 Precedence: the dataclass defaults (train.TrainConfig's are the paper's TransVG recipe on RefCOCO), the dataset's
-recipe (PRESETS), QRNet's on top for a QRNet student (QRNET_PRESETS), then the command line; --help names the recipe
-that sets each value. The synthetic world brings its own (world/recipe.py). resolve() fills what flags leave implicit.
-References: EpmVG paper sec. 4.2; TransVG (github.com/djiajunustc/TransVG @ c862427) train.py; QRNet
-(github.com/LukeForeverYoung/QRNet @ 6aaa23c) train.py and its scripts.
+recipe (PRESETS), QRNet's on top for a QRNet student (QRNET_PRESETS), then the command line; the synthetic world brings
+its own (world/recipe.py). resolve() fills what the flags leave implicit. References: EpmVG paper sec. 4.2; TransVG
+(@ c862427) train.py; QRNet (@ 6aaa23c) train.py and its scripts.
 """
 
 from dataclasses import replace

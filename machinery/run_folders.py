@@ -2,10 +2,8 @@
 
     out_dir, lock = claim_run_dir(cfg.out_dir, "out/<dataset>", cfg.resume, cfg.overwrite, env)   # train.py
 
-  holds_run, lock_holder   what a folder holds, and which run (pid) has it locked
-  check_run_dir            the refusals, checked before anything is created (preflight calls it too)
-  lock_run_dir             an exclusive lock for as long as the run lives (the OS drops it when the process dies)
-  claim_run_dir            the run's folder: the given one, or the first free of out/<dataset>, _2, _3, ...
+check_run_dir says the refusals before anything is created (preflight calls it); lock_run_dir holds a folder for as
+long as its run lives; claim_run_dir takes the given folder, or the first free of out/<dataset>, _2, _3, ...
 """
 
 import contextlib

@@ -1,14 +1,10 @@
 """Where and how a run executes: devices and processes, precision, state across ranks, the order of the data.
 
-Contents
-  devices        DeviceEnv, device_rule, check_device, setup_device (cuda > mps > cpu; torchrun with NCCL on GPUs,
-                 gloo on CPUs), print0
+  devices        setup_device (cuda > mps > cpu; torchrun: NCCL on GPUs, gloo on CPUs), DeviceEnv, print0
   precision      amp_dtype, autocast_for: bf16/fp16 autocast on CUDA only, fp32 elsewhere
   across ranks   sync_buffers, average_gradients, rng_states / restore_rng (every rank's dropout stream)
-  data order     EpochSeeded, epoch_indices, epoch_batches: which samples, with which augmentation, a rank sees at an
-                 optimizer step, a pure function of (seed, epoch, rank), so that a resumed run sees the same ones;
-                 shard_loader: a rank's share of an evaluation split; to_device: a batch on the device
-What a run writes and reads: checkpoints.py, run_folders.py. Its flags: flags.py.
+  data order     EpochSeeded, epoch_batches: which samples, augmented how, a rank sees at a step, a pure function of
+                 (seed, epoch, rank), so a resumed run sees the same; shard_loader (evaluation), to_device
 """
 
 import contextlib

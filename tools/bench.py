@@ -14,10 +14,8 @@ weights) and the distillation loss, as train.py does. Prints ms/step, images/s, 
 FLOPs utilisation. --backbone swin_toy_qrnet times the synthetic world's QRNet student as train.py builds it, and
 --breakdown says where its step goes (each part's forward + backward timed alone on the inputs it had in a real step).
 
-Data: images/s of the train and eval __getitem__ (read + decode + transforms + tokenizer), one process, one thread, on
-COCO-sized JPEGs in the RefCOCO split format. To compare with the official pipeline on the same files, write them as an
-'unc' split, time its TransVGDataset.__getitem__ on them, then
-    python tools/bench.py --data --split_root <that folder> --tokenizer <folder with bert-base-uncased's vocab.txt>
+Data: images/s of the train and eval __getitem__ (read, decode, transforms, tokenizer), one thread, on COCO-sized JPEGs
+in RefCOCO's split format; --split_root and --tokenizer (bert-base-uncased's) time given files, e.g. the official's.
 """
 
 import os
@@ -82,17 +80,13 @@ TOY_BACKBONES = ("swin_toy_qrnet",)  # benchmarked as the synthetic world's stud
 # cached tokens: train.py's log gives its time)
 
 
-def toy_recipe(backbone: str) -> dict:
-    """The synthetic world's recipe for a toy student, as train.py runs it."""
-    return recipe({"dataset": "shapes", "backbone": backbone})[1]
-
-
 def bench_model_config(backbone: str) -> ModelConfig:
     """The paper's model with this backbone (BERT-base, 640 px), or a toy backbone's synthetic-world student as
     train.py builds it from its recipe (random weights: speed does not depend on them)."""
     if backbone not in TOY_BACKBONES:
         return ModelConfig(backbone=backbone, text_init="random", text_config=BERT_BASE)
-    fields = {k: v for k, v in toy_recipe(backbone).items() if k in ModelConfig.__dataclass_fields__}
+    toy = recipe({"dataset": "shapes", "backbone": backbone})[1]  # the synthetic world's recipe, as train.py runs it
+    fields = {k: v for k, v in toy.items() if k in ModelConfig.__dataclass_fields__}
     mcfg = ModelConfig(**{**fields, "backbone": backbone, "visual_init": "random"})
     return resolve_text_config(mcfg, len(scenes.WORDS) + 5)  # the world's words, [PAD] [UNK] [CLS] [SEP] [MASK]
 
@@ -387,9 +381,9 @@ def toy_defaults(flags: dict) -> tuple[str, dict, list]:
     breakdown."""
     if flags["backbone"] not in TOY_BACKBONES:
         return "", {}, []
-    recipe = toy_recipe(flags["backbone"])
-    return f"synthetic world's {flags['backbone']}", {"batch_size": recipe["batch_size"], "teacher": True,
-                                                       "teacher_name": recipe["teacher"], "breakdown": True}, []
+    toy = recipe({"dataset": "shapes", "backbone": flags["backbone"]})[1]
+    return f"synthetic world's {flags['backbone']}", {"batch_size": toy["batch_size"], "teacher": True,
+                                                       "teacher_name": toy["teacher"], "breakdown": True}, []
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,8 +1,6 @@
-"""The modality gap: measures and picture (pure functions of two feature matrices; no project imports).
-
-The paper's Figure 2 (and sec. 1, 3) shows the student's visual and text features as two clouds that CLIP
-distillation is said to bring together. These functions put numbers on that picture, for paired features
-visual (N,D) and text (N,D), row i of each coming from the same (image, expression) sample:
+"""The modality gap: the paper's Figure 2 (the student's visual and text features as two clouds that CLIP distillation
+is said to bring together) as numbers and a picture, for paired features visual (N,D) and text (N,D), row i of each
+from the same (image, expression) sample; pure functions, and the command that measures a checkpoint:
   centroid_gap        ||mean(v/|v|) - mean(t/|t|)||, Liang et al. 2022, "Mind the Gap" (arXiv 2203.02053), sec. 4;
                       0 = the clouds share a centre, 2 = the largest possible (opposite points of the unit sphere)
   paired_cosines      mean cosine of matched pairs (v_i, t_i) and of mismatched ones (v_i, t_j), i != j
@@ -11,8 +9,8 @@ visual (N,D) and text (N,D), row i of each coming from the same (image, expressi
   pca_2d, gap_picture one PCA fitted on the union of both clouds, drawn as a scatter PNG (torchvision only)
   measure_splits      a checkpoint's features at a location (model.LOCATIONS) over each split: the numbers printed,
                       a PNG and a JSON per split (`python evaluate.py --ckpt ... --modality_gap`, which calls it)
-Everything is computed in fp32 on the L2-normalised features, so the measures ignore feature scale.
-Both matrices need the same width D: features of different widths live in different spaces and have no gap to measure.
+All in fp32 on the L2-normalised features (scale is ignored); both need the same width D: features of different
+widths live in different spaces, with no gap to measure between them.
 """
 
 import json

@@ -2,9 +2,7 @@
 
     ds = world_dataset(WorldConfig(), "val", tokenizer, train=False, imsize=64, max_query_len=16)  # data.make_dataset
 
-Sample i of a split is scenes.scene(seed, split, i, image_size), drawn and put through the same transforms as a real
-image (data.transform_sample), so the student sees the world exactly as it would see RefCOCO.
-"""
+Sample i of a split is scenes.scene(seed, split, i, image_size), drawn and transformed as a real image would be."""
 
 import functools
 import os

@@ -3,10 +3,9 @@
     prepare(needed(cfg, mcfg), wcfg, teacher, env)   # train.py, on --dataset shapes: vocabulary, toy CLIP, detector
 
 The student's BERT vocabulary, the CLIP teacher and the detector its visual branch starts from are made on the world
-(toy_clip.py, toy_detectors.py) once, cached under out/ and loaded through the same flags as real ones (--text_encoder,
---teacher, --visual_init); only at the recipes' paths (TOY_PATHS): a typed path is used as it is or refused, never
-filled, and a hub name never becomes a folder. One made with other settings than the run asks for is refused, never
-reused (check_world_files). check_inputs is the world's part of machinery/preflight.py.
+once, cached under out/ and loaded through the same flags as real ones, only at the recipes' paths (TOY_PATHS): a
+typed path is used as it is or refused, never filled. One made with other settings than the run asks for is refused,
+never reused (check_world_files). check_inputs is the world's part of machinery/preflight.py.
 """
 
 import json

@@ -1,9 +1,8 @@
 """The synthetic world's settings: its own flags (WorldConfig) and the recipes of its two students.
 
-train.recipe reaches this file for --dataset shapes (the default) only: the world's flags then join the run's, and
-    SHAPES          the TransVG student's recipe: what `python train.py` runs
-    SHAPES_QRNET    what a QRNet student (--backbone swin_toy_qrnet) changes in it
-are its defaults, under the command line. How each was chosen, with every probe: docs/synthetic_world.md, docs/qrnet.md.
+machinery/recipes.py reaches it for --dataset shapes (the default) only: WorldConfig's flags join the run's, and SHAPES
+(what `python train.py` runs) and SHAPES_QRNET (what --backbone swin_toy_qrnet changes in it) are its defaults. How
+each was chosen, with every probe: docs/synthetic_world.md, docs/qrnet.md.
 """
 
 from dataclasses import dataclass

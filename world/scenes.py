@@ -1,13 +1,12 @@
 """The synthetic referring-expression world: what a scene holds, how it is drawn, what can be said of it.
 
-A scene is 2-5 coloured shapes on a muted background and an expression that singles one out by its
-attributes ("the small red circle"), by its position among look-alikes ("the blue square on the left", "the
-leftmost circle") or relative to a landmark ("the triangle above the green circle"). All objects copy each
-attribute of a shared prototype with probability 1/2, so look-alikes are common and the words matter. Scene i of a
-split is a pure function of (seed, split, i, rare_keep); images have long side image_size and a short side of
-62.5-100% of it, so the padding varies. Two colour words (RARE_WORDS) are rare in the train split and common
-everywhere else, the captions split included: the toy CLIP's data (the paper's regime in miniature, toy_clip.py).
-world/dataset.py serves the scenes as a dataset; this file knows nothing of tokens, canvases or transforms.
+A scene is 2-5 coloured shapes on a muted background and an expression that singles one out by its attributes ("the
+small red circle"), by its position among look-alikes ("the leftmost circle") or relative to a landmark ("the triangle
+above the green circle"). All objects copy each attribute of a shared prototype with probability 1/2, so look-alikes
+are common and the words matter. Scene i of a split is a pure function of (seed, split, i, rare_keep); the short side
+is 62.5-100% of the long one, so the padding varies. Two colour words (RARE_WORDS) are rare in the train split and
+common everywhere else, the toy CLIP's captions included: the paper's regime in miniature. This file knows nothing of
+tokens, canvases or transforms (world/dataset.py).
 """
 
 import functools

@@ -2,12 +2,9 @@
 
     python world/toy_clip.py                 # train it into out/shapes_clip (train.py does it on first use)
 
-Real EpmVG distils from a CLIP trained on 400 M web pairs. The world has none, so this file makes one: a CLIPModel
-with small towers, trained with CLIP's contrastive objective (symmetric cross-entropy over image-text similarities)
-on (canvas, expression) pairs of the world's captions split, scenes that the grounding data never show and where the
-rare words are common; then frozen as the teacher, loaded through --teacher like a real one. It is trained through
-CLIPTeacher's own preprocessing and tokenizer, on the canvases the student sees, so it learns on exactly what it
-sees later.
+Real EpmVG distils from a CLIP trained on 400 M web pairs; the world's is a CLIPModel with small towers, trained with
+CLIP's contrastive objective on (canvas, expression) pairs of the captions split (scenes the grounding data never show,
+where the rare words are common), through CLIPTeacher's own preprocessing and tokenizer, then frozen as the teacher.
 """
 
 import json

@@ -1,13 +1,9 @@
 """The synthetic world's detectors: what the students' visual branches start from, trained on the world's pictures.
 
-Real EpmVG starts TransVG's visual branch from a DETR trained on COCO and QRNet's from a Mask R-CNN Swin-S. The world
-has neither, so this file makes them, without a word of text:
-  toy DETR   the student's own visual branch (ResNet + encoder) trained to detect the world's objects from the pixels
-             alone, saved in DETR's checkpoint layout, so --visual_init loads it like detr-r50-unc.pth
-  toy Swin   a QRNet student's Swin and the neck's lateral convs trained the same way, a toy Mask R-CNN Swin saved in
-             mmdet's layout; QD-ATT, which a detector has none of, is left out
-Both learn on the run's train scenes (pictures only), through the project's own transforms and visual branch; world/
-prepare.py builds them once, at the recipes' paths under out/.
+Real EpmVG starts TransVG's visual branch from a DETR trained on COCO and QRNet's from a Mask R-CNN Swin-S; the world's
+are made here, from the run's train scenes' pictures (no text), through the project's own transforms and branches:
+  toy DETR   the student's own visual branch (ResNet + encoder), saved in DETR's layout (--visual_init loads it)
+  toy Swin   a QRNet student's Swin and the neck's lateral convs, in mmdet's layout; no QD-ATT (a detector has none)
 """
 
 import functools
@@ -178,9 +174,8 @@ def build_toy_detr(cfg: ToyDETRConfig, mcfg: ModelConfig, tokenizer) -> dict:
 # -----------------------------------------------------------------------------
 # the toy Mask R-CNN Swin: a QRNet student's Swin and the neck's lateral convs, pretrained like the toy DETR
 
-# QRNet starts from a Mask R-CNN Swin-S trained on COCO: its Swin (with the stage norms mmdet adds) and its FPN's
-# lateral 1x1 convs, while QD-ATT, which a detector has none of, starts at its initialisation. The toy does the same on
-# the world: Swin without QD-ATT, laterals and top-down sums (qrnet.QueryNeck.top_down), a per-cell head on each level.
+# As QRNet's Mask R-CNN Swin-S: the Swin (with mmdet's stage norms), the FPN's lateral 1x1 convs and top-down sums
+# (qrnet.QueryNeck.top_down), no QD-ATT (which starts at its initialisation); a per-cell head on each level.
 SWIN_FIELDS = ("backbone", "swin", "imsize", "hidden_dim")  # the ModelConfig fields that shape the Swin and laterals
 
 

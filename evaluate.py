@@ -263,6 +263,16 @@ def check_request(cfg: EvalConfig) -> tuple[dict, data.DataConfig | None]:
     return ckpt, dcfg
 
 
+def weights_said(path: str, ckpt: dict) -> str:
+    """Which weights a checkpoint holds, as the table's heading says: train.py's step and epoch, and whether they are
+    its run's best val epoch (best.pt: what to compare with a paper's table) or its latest (last.pt); an official one's
+    epoch."""
+    if "model_config" not in ckpt:
+        return f"{path}: an official checkpoint, epoch {ckpt.get('epoch', '?')}"
+    kind = {"best.pt": "the run's best val epoch", "last.pt": "the run's latest"}.get(os.path.basename(path), "")
+    return f"{path}: the weights of step {ckpt.get('step')} (epoch {ckpt.get('epoch')}){', ' + kind if kind else ''}"
+
+
 def checked_tokenizer(cfg: EvalConfig, model: GroundingModel):
     """--tokenizer, or the one the model was trained with; one with ids past BERT's embedding table is refused."""
     tokenizer = data.load_tokenizer(cfg.tokenizer or model.cfg.text_encoder)
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
                     paths = save_pictures(dataset, records, out_dir, cfg.vis, cfg.worst, f"{dcfg.dataset}_"
                                           f"{dataset.split}")
                     print0(f"{dataset.split}: {len(paths)} pictures in {out_dir}")
-            print0(f"{dcfg.dataset}, {cfg.ckpt}")
+            print0(f"{dcfg.dataset}, {weights_said(cfg.ckpt, ckpt)}")
             print_table(results)
         if cfg.json and env.is_master:
             gap_loc = {"gap_loc": cfg.gap_loc} if cfg.modality_gap else {}

@@ -57,8 +57,8 @@ class TrainConfig:
     eval_split: str = "val"  # split for model selection during training (best.pt)
     augment: bool = True  # TransVG's train augmentation (scale, crop, colour, flip with word swap, translate)
     epochs: int = 90  # paper: 90 (180 for RefCOCO+)
-    lr_drop: int = 60  # every lr x0.1 from this epoch on (paper: 60; 120 for RefCOCO+)
-    lr_schedule: str = "step"  # step (x0.1 at lr_drop: TransVG) or cosine (to 0 at the end of the last epoch)
+    lr_drop: int = 60  # every lr x0.1 each lr_drop epochs, as StepLR (paper: 60; 120 for RefCOCO+)
+    lr_schedule: str = "step"  # step (x0.1 every lr_drop epochs: TransVG's and QRNet's StepLR) or cosine (to 0)
     batch_size: int = 64  # global images per optimizer step (paper: 8 GPUs x 8)
     micro_batch: int = 8  # images per device per forward; gradient accumulation makes up batch_size
     lr: float = 1e-4  # fusion transformer, projections, [REG], position table, box head (QRNet: + QD-ATT, scales)
@@ -95,16 +95,18 @@ class TrainConfig:
     num_workers: int = 4  # data loader processes per device
     seed: int = 13  # base seed; rank r uses seed + r (TransVG: 13)
     dry_run: bool = False  # only check the flags and that every input is in place (preflight); write nothing
+    qrnet_recipe: str = "qrnet"  # a QRNet student's on a benchmark: qrnet (QRNet's own, 180 epochs) or paper (TransVG's)
 
     CHOICES = {"lr_schedule": ("step", "cosine"), "box_loss": tuple(BOX_LOSSES), "distill": (*DISTILL_LOSSES, "none"),
                "distill_modality": MODALITIES, "distill_loc": tuple(LOCATIONS), "dtype": DTYPE_NAMES,
-               "teacher_init": ("pretrained", "random")}
+               "teacher_init": ("pretrained", "random"), "qrnet_recipe": ("qrnet", "paper")}
 
     def __post_init__(self) -> None:  # one flag's value, when the flags are read; across flags: machinery/preflight.py
         check_fields(self, [
-            *[(k, getattr(self, k) >= 1, ">= 1") for k in ("epochs", "batch_size", "micro_batch", "eval_batch")],
+            *[(k, getattr(self, k) >= 1, ">= 1") for k in ("epochs", "lr_drop", "batch_size", "micro_batch",
+                                                            "eval_batch")],
             *[(k, getattr(self, k) >= 0, ">= 0") for k in (
-                "lr_drop", "lr_visual", "lr_text", "weight_decay", "warmup_steps", "clip_grad", "max_steps",
+                "lr_visual", "lr_text", "weight_decay", "warmup_steps", "clip_grad", "max_steps",
                 "giou_weight", "alpha", "beta", "teacher_text_cache", "eval_every", "save_every", "num_workers")],
             ("lr", self.lr > 0, "> 0"), runtime.device_rule(self.device),
             ("teacher_text_cache", not (self.teacher_text_cache and self.teacher_trainable),
@@ -126,13 +128,14 @@ def read_flags(argv: list[str] | None) -> list:
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Multiplier of every base lr at an optimizer step: linear warmup, then x0.1 from epoch lr_drop (TransVG's
-    StepLR) or a cosine to 0 at the end of the last epoch (--max_steps stops early, it does not squeeze the
-    schedule). A pure function of the step, so resuming needs no scheduler state."""
+    """Multiplier of every base lr at an optimizer step: linear warmup, then x0.1 every lr_drop epochs (StepLR's rule,
+    which TransVG's and QRNet's train.py build: 180 epochs with lr_drop 60 drop at 60 and 120) or a cosine to 0 at the
+    end of the last epoch (--max_steps stops early, it does not squeeze the schedule). A pure function of the step, so
+    resuming needs no scheduler state."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * step / (cfg.epochs * steps_per_epoch)))
-    return warm * (0.1 if step >= cfg.lr_drop * steps_per_epoch else 1.0)
+    return warm * 0.1 ** (step // (cfg.lr_drop * steps_per_epoch))
 
 
 def param_groups(model: GroundingModel, teacher: CLIPTeacher | None, cfg: TrainConfig) -> list[dict]:
@@ -338,6 +341,8 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, wcfg, env:
                 dcfg, split, run.tokenizer, train=False, imsize=mcfg.imsize, max_query_len=mcfg.max_query_len,
                 world=wcfg)
             results[split] = score(run, dataset)
+        print0(f"{dcfg.dataset}, the final weights (step {step}); best.pt holds the best val epoch's, which a paper's "
+               f"table compares with (python evaluate.py --ckpt {os.path.join(cfg.out_dir, 'best.pt')})")
         print_table(results)
     final = {"step": step, "best_acc@0.5": best,
              **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items() if k != "step"},

@@ -72,6 +72,7 @@ def test_cli_prints_every_split_and_writes_json(checkpoint, tmp_path, capsys):
     assert set(results) == {"val", "test"} and all(r["n"] == 9 for r in results.values())
     out = capsys.readouterr().out
     assert "Acc@0.5" in out and "test" in out
+    assert f"shapes, {checkpoint}: the weights of step 3 (epoch 1), the run's latest" in out  # which weights are scored
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["dataset"] == "shapes" and saved["results"]["val"]["acc@0.5"] == results["val"]["acc@0.5"]
 

@@ -27,6 +27,11 @@ def test_the_paper_per_dataset_and_qrnets_recipe_on_top():
     assert values("refcocog", "swin_s_qrnet")["max_query_len"] == 40
     assert values("referit", "swin_s_qrnet")["batch_size"] == 64
     assert recipe({"dataset": "refcoco", "backbone": "swin_s_qrnet"})[::2] == ("refcoco QRNet", [])
+    # the paper's recipe for a QRNet student is one flag away: TransVG's schedule and batch, QRNet's detector init
+    name, paper, _ = recipe({"dataset": "refcoco", "backbone": "swin_s_qrnet", "qrnet_recipe": "paper"})
+    assert paper == {**values("refcoco", "resnet50"), "visual_init": "mask_rcnn"} and "paper's recipe" in name
+    cfg, *_ = train.read_flags(["--dataset=refcoco", "--backbone=swin_s_qrnet", "--qrnet_recipe=paper"])
+    assert (cfg.epochs, cfg.lr_drop, cfg.batch_size) == (90, 60, 64)
 
 
 def test_the_synthetic_world_brings_its_recipes_and_its_flags():

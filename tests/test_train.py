@@ -46,6 +46,18 @@ def test_lr_is_a_pure_function_of_the_step():
     assert all(a > b for a, b in zip(factors[1:], factors[2:]))  # after the warmup, down every step
 
 
+@pytest.mark.parametrize("epochs, lr_drop, factors", [
+    (180, 60, {0: 1.0, 59: 1.0, 60: 0.1, 119: 0.1, 120: 0.01, 179: 0.01}),  # QRNet's StepLR(60) on 180: two drops
+    (90, 60, {0: 1.0, 59: 1.0, 60: 0.1, 89: 0.1}),  # TransVG's: one
+    (180, 120, {119: 1.0, 120: 0.1, 179: 0.1}),  # RefCOCO+'s: one
+])
+def test_the_step_schedule_is_steplrs_a_drop_every_lr_drop_epochs(epochs, lr_drop, factors):
+    cfg = TrainConfig(epochs=epochs, lr_drop=lr_drop)
+    for epoch, factor in factors.items():
+        for step in (epoch * 7, epoch * 7 + 6):  # first and last step of the epoch, 7 steps an epoch
+            assert train.lr_factor(step, steps_per_epoch=7, cfg=cfg) == pytest.approx(factor, rel=1e-12), epoch
+
+
 # -----------------------------------------------------------------------------
 # runs
 

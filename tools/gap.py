@@ -215,6 +215,6 @@ def measure_splits(model: torch.nn.Module, datasets, cfg, env: DeviceEnv) -> dic
                     json.dump(saved, f, indent=1)
             write_atomic(stem + ".json", write_json)
             print0(f"{dataset.split}: {stem}.png (PCA of both; visual blue, text orange) and {stem}.json")
-    print0(f"{dataset.name}, {cfg.ckpt}")
+    print0(f"{dataset.name}, the student's features of {cfg.ckpt}")
     print_gap_table(results, cfg.gap_loc)
     return results

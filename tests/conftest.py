@@ -86,7 +86,7 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def world_vocab(tmp_path_factory) -> str:
     """A folder holding the synthetic world's word-level BERT vocab.txt (train.py writes its own only at the recipe's
-    path, out/shapes_vocab)."""
+    path, world/toy_models/vocab)."""
     from world.dataset import write_vocab
     return os.path.dirname(write_vocab(str(tmp_path_factory.mktemp("shapes_vocab"))))
 

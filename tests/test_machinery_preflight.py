@@ -23,18 +23,17 @@ def listing(folder) -> list[str]:
 @pytest.mark.parametrize("flags, message", [
     (["--device=cuda"], r"--device cuda: this machine has no CUDA GPU .*; pass --device cpu"),
     (["--resume={tmp}/hostname"], r"--resume .*hostname: not a PyTorch checkpoint \(torch.load cannot read it\)$"),
-    (["--max_query_len=600"], r"--max_query_len 600 is more than the text encoder 'out/shapes_vocab' holds: its "
+    (["--max_query_len=600"], r"--max_query_len 600 is more than the text encoder 'world/toy_models/vocab' holds: its "
                               r"position table has 32 rows"),
     (["--shapes_train_size=8"], r"--shapes_train_size 8: fewer training samples than one batch \(--batch_size 64\)"),
     (["--text_encoder={tmp}/typo/vocab"], r"--text_encoder .*/typo/vocab: no folder .*/typo/vocab; the synthetic "
-                                          r"world's vocabulary is written on first use to out/shapes_vocab only"),
-    (["--teacher={tmp}/typo/clip"], r"--teacher (.*/typo/clip): no folder .*; the toy CLIP is built on first use at "
-                                    r"out/shapes_clip only; to build one at \1 on purpose: "
+                                          r"world's vocabulary ships at world/toy_models/vocab"),
+    (["--teacher={tmp}/typo/clip"], r"--teacher (.*/typo/clip): no folder .*; the toy CLIP ships at "
+                                    r"world/toy_models/clip \(built there when missing\); to build one at \1 on purpose: "
                                     r"python world/toy_clip.py --out_dir \1 --steps 600 --imsize 64 "
                                     r"--shapes_image_size 128$"),
     (["--visual_init={tmp}/typo/detr.pth"], r"--visual_init .*/typo/detr.pth: no such file; the toy DETR and the toy "
-                                            r"Swin are built on first use at out/shapes_detr.pth and "
-                                            r"out/shapes_swin.pth only"),
+                                            r"Swin ship at world/toy_models/detr.pth and world/toy_models/swin.pth"),
     (["--batch_size=96"], r"--batch_size 96: must be a multiple of micro_batch x processes = 64 x 1"),
     (["--augment"], r"--cache_visual: expected false with --augment \(the cache holds one unaugmented view\)"),
     (["--backbone=swin_toy_qrnet", "--cache_visual"], r"--cache_visual: QRNet's visual branch depends on the "

@@ -37,7 +37,7 @@ def test_the_paper_per_dataset_and_qrnets_recipe_on_top():
 def test_the_synthetic_world_brings_its_recipes_and_its_flags():
     name, toy_qrnet, more = recipe({"dataset": "shapes", "backbone": "swin_toy_qrnet"})
     assert name == "shapes QRNet" and more == [WorldConfig] and toy_qrnet == {**SHAPES, **SHAPES_QRNET}
-    assert (toy_qrnet["visual_init"], toy_qrnet["cache_visual"]) == ("out/shapes_swin.pth", False)
+    assert (toy_qrnet["visual_init"], toy_qrnet["cache_visual"]) == ("world/toy_models/swin.pth", False)
     assert toy_qrnet["lr_visual"] < toy_qrnet["lr"]  # QRNet's split: the pretrained Swin and laterals learn slower
     assert toy_qrnet["teacher"] == SHAPES["teacher"]  # one toy CLIP for both students
     assert recipe({"dataset": "refcocoo", "backbone": "resnet50"})[1] == {}  # DataConfig says what is wrong

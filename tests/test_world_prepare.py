@@ -5,12 +5,13 @@ offline, as does a QRNet student's start from its toy Swin.
 Run: python -m pytest -q tests/test_world_prepare.py
 """
 import dataclasses
+import hashlib
 import json
 import os
 
 import pytest
 import torch
-from conftest import TINY_SWIN
+from conftest import ROOT, TINY_SWIN
 from test_world_toy_clip import TINY_TEACHER
 
 import evaluate
@@ -113,3 +114,22 @@ def test_a_resumed_run_neither_builds_nor_checks_the_toy_detr_it_never_loads(tmp
     monkeypatch.setattr(world, "build_toy_detr", lambda *args: pytest.fail("built a toy DETR the run never loads"))
     assert train.main([f"--resume={last}", "--max_steps=3", "--final_eval=false", "--device=cpu"])["step"] == 3
     assert not os.path.exists(detr)
+
+
+def test_the_shipped_toy_models_are_the_recipes_and_unchanged(monkeypatch):
+    """Every machine trains against the same toy CLIP and detectors, as every user downloads the same CLIP and DETR: they
+    ship in world/toy_models (a build's floats depend on the machine and thread count). A rebuild that gives other
+    bytes, or a file changed by hand, fails here; the recipe's settings are those they were built with."""
+    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the project's root, where the scripts run
+    folder = os.path.join("world", "toy_models")
+    with open(os.path.join(folder, "SHA256SUMS")) as f:
+        sums = dict(reversed(line.split()) for line in f if line.strip())
+    for name, digest in sums.items():
+        with open(os.path.join(folder, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, f"world/toy_models/{name} is not the shipped one"
+    assert {SHAPES["teacher"], SHAPES["visual_init"], SHAPES_QRNET["visual_init"]} == {
+        "world/toy_models/clip", "world/toy_models/detr.pth", "world/toy_models/swin.pth"}
+    for backbone in ("resnet18", "swin_toy_qrnet"):
+        cfg, _, mcfg, wcfg = train.read_flags([f"--backbone={backbone}"])
+        world.check_world_files(mcfg.text_encoder, *world.toy_configs(mcfg, wcfg, cfg.teacher))  # used, not rebuilt
+        assert all(os.path.exists(p) for p in (mcfg.text_encoder, cfg.teacher, mcfg.visual_init))

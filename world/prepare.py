@@ -75,14 +75,14 @@ def not_built_here(flag: str, path: str, wcfg: WorldConfig) -> str | None:
     exist: what to do instead, since prepare builds nothing there. None when it exists or is a recipe's."""
     if os.path.exists(path) or path in TOY_PATHS[flag]:
         return None
-    return {"text_encoder": f"the synthetic world's vocabulary is written on first use to {TOY_PATHS[flag][0]} "
-                            f"only; leave --text_encoder out to use it, or give a folder that holds a vocab.txt",
-            "teacher": f"the toy CLIP is built on first use at {TOY_PATHS['teacher'][0]} only; to build one at "
+    return {"text_encoder": f"the synthetic world's vocabulary ships at {TOY_PATHS[flag][0]} (written there when "
+                            f"missing); leave --text_encoder out to use it, or give a folder that holds a vocab.txt",
+            "teacher": f"the toy CLIP ships at {TOY_PATHS['teacher'][0]} (built there when missing); to build one at "
                        f"{path} on purpose: python world/toy_clip.py --out_dir {path} --steps "
                        f"{wcfg.toy_teacher_steps} --imsize {ToyCLIPConfig.imsize} --shapes_image_size "
                        f"{wcfg.shapes_image_size}",
-            "visual_init": f"the toy DETR and the toy Swin are built on first use at {' and '.join(TOY_PATHS[flag])} "
-                           f"only; leave --visual_init out to use the one of your --backbone, or pass random or a "
+            "visual_init": f"the toy DETR and the toy Swin ship at {' and '.join(TOY_PATHS[flag])} (built there when "
+                           f"missing); leave --visual_init out to use the one of your --backbone, or pass random or a "
                            f"checkpoint that exists"}[flag]
 
 

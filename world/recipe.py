@@ -43,10 +43,10 @@ class WorldConfig:
 SHAPES = dict(
     backbone="resnet18", resnet_stages=3, trainable_bn=True, imsize=64, hidden_dim=64, nheads=4,
     dim_feedforward=128, dropout=0.0, enc_layers=1, vl_layers=4, pos_std=0.02, max_query_len=16,
-    text_encoder="out/shapes_vocab", text_init="random",
+    text_encoder="world/toy_models/vocab", text_init="random",
     text_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128,
                  "max_position_embeddings": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-    visual_init="out/shapes_detr.pth", teacher="out/shapes_clip", cache_visual=True, augment=False,
+    visual_init="world/toy_models/detr.pth", teacher="world/toy_models/clip", cache_visual=True, augment=False,
     epochs=32, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=64, micro_batch=64,
     lr=5e-4, lr_text=5e-4, shapes_train_size=10000, num_workers=0, eval_batch=250, eval_every=500)
 
@@ -58,6 +58,6 @@ SHAPES = dict(
 # toy's ResNet stops at layer3: on the same 64 px canvas the fusion reads strides 16 and 32, 4 x 4 + 2 x 2 tokens;
 # pos_std 1 is TransVG's nn.Embedding init. Batch 32 for 12 epochs (3,744 steps, cosine), chosen on --distill none.
 SHAPES_QRNET = dict(
-    resnet_stages=4, visual_init="out/shapes_swin.pth", toy_detector_steps=600, cache_visual=False, augment=False,
+    resnet_stages=4, visual_init="world/toy_models/swin.pth", toy_detector_steps=600, cache_visual=False, augment=False,
     imsize=64, pos_std=1.0, epochs=12, lr_schedule="cosine", warmup_steps=50, clip_grad=1.0, batch_size=32,
     micro_batch=32, lr=5e-4, lr_visual=5e-5, lr_text=5e-4, eval_every=500)

@@ -1,6 +1,6 @@
 """The synthetic world's CLIP teacher: a small transformers CLIPModel trained with CLIP's own objective on the world.
 
-    python world/toy_clip.py                 # train it into out/shapes_clip (train.py does it on first use)
+    python world/toy_clip.py --out_dir out/my_clip     # train one (the recipe's ships in world/toy_models/clip)
 
 Real EpmVG distils from a CLIP trained on 400 M web pairs; the world's is a CLIPModel with small towers, trained with
 CLIP's contrastive objective on (canvas, expression) pairs of the captions split (scenes the grounding data never show,

@@ -129,7 +129,7 @@ def resume_run(run) -> tuple[int, float]:
     """Restore what save_run wrote at --resume into run (train.Run): weights, optimizer, scaler, this rank's RNG
     streams, a trainable teacher's weights from beside it; returns (step, best val Acc@0.5)."""
     cfg, teacher = run.cfg, run.teacher
-    ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(cfg.resume, "--resume")
     run.raw_model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"] is not None:

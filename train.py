@@ -337,6 +337,9 @@ def train(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, wcfg, env:
     results = {}
     if cfg.final_eval:
         for split in data.DATASETS[dcfg.dataset].eval_splits:
+            if split == cfg.eval_split and metrics.get("step") == step:  # the loop has just scored these weights
+                results[split] = {k: v for k, v in metrics.items() if k != "step"}
+                continue
             dataset = run.eval_set if split == cfg.eval_split else data.make_dataset(
                 dcfg, split, run.tokenizer, train=False, imsize=mcfg.imsize, max_query_len=mcfg.max_query_len,
                 world=wcfg)

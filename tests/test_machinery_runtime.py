@@ -70,3 +70,17 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_not_of_the_draw_orde
     assert torch.equal(torch.get_rng_state(), state)
     ds.epoch = 1
     assert [ds[i] for i in range(4)] != forward
+
+
+def test_an_unaugmented_dataset_is_read_as_it_is_without_seeding(monkeypatch):
+    class Fixed(torch.utils.data.Dataset):
+        train = False  # what data.GroundingDataset and cache.CachedVisual say when nothing is random
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return float(i)
+
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: pytest.fail("an unaugmented sample was seeded"))
+    assert [EpochSeeded(Fixed(), seed=3)[i] for i in range(4)] == [0.0, 1.0, 2.0, 3.0]
